@@ -1,0 +1,11 @@
+"""ALPS (Adversarial Labelling of Perturbed Samples, Guo et al., IJCAI 2021) for timm.
+
+Swap `timm.data.Mixup` for `ALPSMixup` and `timm.loss.SoftTargetCrossEntropy` for `ALPSSoftTargetCrossEntropy`.
+Importing this package also registers the paper's CIFAR models with timm (`preact_resnet18`, `vgg16_cifar`).
+"""
+from .labels import adversarial_label
+from .loss import ALPSSoftTargetCrossEntropy
+from .mixup import ALPSMixup
+
+__version__ = '0.1.0'
+__all__ = ['adversarial_label', 'ALPSMixup', 'ALPSSoftTargetCrossEntropy']
