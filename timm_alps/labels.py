@@ -113,8 +113,8 @@ def adversarial_label(
         label.scatter_add_(1, target.view(-1, 1), -moved.view(-1, 1))
         label.scatter_add_(1, least_likely, moved.view(-1, 1))
     else:
-        # Compute the greedy transfer in fp32 so fp16/bf16 rows still sum to 1.
-        soft = target.detach().to(device=logits.device, dtype=torch.float32)
+        # Compute the greedy transfer in at least fp32 so fp16/bf16 rows still sum to 1.
+        soft = target.detach().to(device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
         order = logits.argsort(dim=1, descending=True, stable=True)
         # Classes tied with the minimum logit lose nothing by giving mass to k*: leave them alone.
         donors = logits > logits.gather(1, least_likely)

@@ -1,0 +1,183 @@
+"""Properties of the exact adversarial label (Theorem 1 and its soft-target generalisation)."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from scipy.optimize import linprog
+
+from timm_alps import adversarial_label
+
+
+def make_case(seed: int, batch: int, k: int, soft: bool, ties: bool):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, k, generator=g, dtype=torch.float64) * 3
+    if ties:  # few distinct values: many ties, including at the minimum
+        logits = logits.round()
+    if soft:
+        # sparse-ish distributions: some classes without mass, as MixUp/CutMix targets have
+        raw = torch.rand(batch, k, generator=g, dtype=torch.float64) * (torch.rand(batch, k, generator=g) < 0.5)
+        raw[torch.arange(batch), torch.randint(k, (batch,), generator=g)] += 1.0
+        target = raw / raw.sum(1, keepdim=True)
+    else:
+        target = torch.randint(k, (batch,), generator=g)
+    return logits, target
+
+
+def objective(logits, label):
+    return (label * -F.log_softmax(logits, dim=1)).sum(1)
+
+
+cases = st.tuples(st.integers(0, 2 ** 31), st.integers(1, 6), st.integers(2, 1000), st.booleans(), st.booleans())
+radii = st.floats(0.0, 2.0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=cases, eps=radii)
+def test_rows_are_distributions_and_move_at_most_eps(case, eps):
+    logits, target = make_case(*case)
+    rho = adversarial_label(logits, target, eps)
+    y = target if target.ndim == 2 else F.one_hot(target, logits.shape[1]).double()
+    assert rho.shape == logits.shape and rho.dtype == logits.dtype
+    assert (rho >= 0).all()
+    torch.testing.assert_close(rho.sum(1), torch.ones(len(rho), dtype=rho.dtype))
+    # every unit moved off the donors lands on k*: the L1 distance is twice the mass gained by k*
+    k_star = logits.argmin(1)
+    gained = rho[torch.arange(len(rho)), k_star] - y[torch.arange(len(rho)), k_star]
+    distance = (rho - y).abs().sum(1)
+    torch.testing.assert_close(distance, 2 * gained)
+    assert (distance <= eps + 1e-9).all()
+    # only k* gains mass, and only classes with mass give it
+    delta = rho - y
+    delta[torch.arange(len(rho)), k_star] = 0
+    assert (delta <= 1e-12).all()
+    # classes without mass never give any
+    assert ((rho - y).clamp(max=0)[y == 0] == 0).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), batch=st.integers(1, 8), k=st.integers(2, 1000), eps=radii)
+def test_one_hot_is_theorem_1(seed, batch, k, eps):
+    logits, target = make_case(seed, batch, k, soft=False, ties=False)
+    rho = adversarial_label(logits, target, eps)
+    k_star = logits.argmin(1)
+    rows = torch.arange(batch)
+    expected = F.one_hot(target, k).double()
+    moved = (k_star != target).double() * (eps / 2)
+    expected[rows, target] -= moved
+    expected[rows, k_star] += moved
+    torch.testing.assert_close(rho, expected, rtol=0, atol=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(case=cases)
+def test_eps_zero_is_identity(case):
+    logits, target = make_case(*case)
+    rho = adversarial_label(logits, target, 0.0)
+    y = target if target.ndim == 2 else F.one_hot(target, logits.shape[1]).double()
+    torch.testing.assert_close(rho, y, rtol=0, atol=0)
+
+
+def lp_optimum(logits_row, y_row, eps):
+    """max_t c.t s.t. t >= 0, sum t = 1, ||t - y||_1 <= eps, as an LP over (t, u) with u >= |t - y|."""
+    k = len(y_row)
+    c = -F.log_softmax(logits_row, 0).numpy()
+    eye = np.eye(k)
+    a_ub = np.block([[eye, -eye], [-eye, -eye], [np.zeros((1, k)), np.ones((1, k))]])
+    b_ub = np.concatenate([y_row.numpy(), -y_row.numpy(), [eps]])
+    a_eq = np.concatenate([np.ones(k), np.zeros(k)])[None]
+    res = linprog(np.concatenate([-c, np.zeros(k)]), A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=[1.0],
+                  bounds=[(0, None)] * (2 * k), method='highs')
+    assert res.status == 0
+    return -res.fun
+
+
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), k=st.integers(2, 8), soft=st.booleans(), ties=st.booleans(), eps=radii)
+def test_optimal_against_linear_program(seed, k, soft, ties, eps):
+    logits, target = make_case(seed, 3, k, soft, ties)
+    rho = adversarial_label(logits, target, eps)
+    y = target if target.ndim == 2 else F.one_hot(target, k).double()
+    achieved = objective(logits, rho)
+    for i in range(3):
+        # HiGHS honours constraints to ~1e-7, which can buy its solution ~1e-6 of objective at these logit scales
+        assert achieved[i] >= lp_optimum(logits[i], y[i], eps) - 1e-5
+
+
+@pytest.mark.parametrize('k', [2, 3, 4])
+def test_one_hot_beats_every_feasible_vertex(k):
+    # Vertices of {t in simplex, ||t - y||_1 <= eps} for one-hot y: move eps/2 (or everything if it fits) from y
+    # to one other class, or nothing.
+    logits = torch.randn(1, k, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+    for y, eps in itertools.product(range(k), [0.1, 0.3, 0.5, 1.0]):
+        rho = adversarial_label(logits, torch.tensor([y]), eps)
+        best = objective(logits, rho)[0]
+        for j in range(k):
+            vertex = F.one_hot(torch.tensor([y]), k).double()
+            vertex[0, y] -= eps / 2
+            vertex[0, j] += eps / 2
+            assert best >= objective(logits, vertex)[0] - 1e-12
+
+
+def test_ties_are_deterministic_and_lowest_index():
+    logits = torch.tensor([[1.0, -2.0, 0.5, -2.0], [0.0, 0.0, 0.0, 0.0]])
+    target = torch.tensor([0, 3])
+    rho = adversarial_label(logits, target, 0.4)
+    torch.testing.assert_close(rho[0], torch.tensor([0.8, 0.2, 0.0, 0.0]))
+    torch.testing.assert_close(rho[1], torch.tensor([0.2, 0.0, 0.0, 0.8]))
+    assert torch.equal(rho, adversarial_label(logits, target, 0.4))
+    # a soft target spread over classes tied at the minimum is left alone: moving mass between them gains nothing
+    soft = torch.tensor([[0.0, 0.5, 0.0, 0.5]])
+    torch.testing.assert_close(adversarial_label(logits[:1], soft, 0.4), soft)
+
+
+def test_soft_target_takes_from_largest_logit_first():
+    logits = torch.tensor([[3.0, 1.0, 2.0, -1.0]])
+    target = torch.tensor([[0.1, 0.6, 0.3, 0.0]])
+    rho = adversarial_label(logits, target, 0.6)  # budget 0.3: 0.1 from class 0, then 0.2 from class 2
+    torch.testing.assert_close(rho, torch.tensor([[0.0, 0.6, 0.1, 0.3]]))
+
+
+def test_no_gradient_flows_into_the_label():
+    logits = torch.randn(4, 10, requires_grad=True)
+    rho = adversarial_label(logits, torch.tensor([1, 2, 3, 4]), 0.3)
+    assert not rho.requires_grad
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('soft', [False, True])
+def test_low_precision_logits(dtype, soft):
+    logits, target = make_case(7, 16, 1000, soft=soft, ties=False)
+    rho = adversarial_label(logits.to(dtype), target.to(dtype) if soft else target, 0.3)
+    assert rho.dtype == dtype
+    torch.testing.assert_close(rho.float().sum(1), torch.ones(16), atol=1e-2, rtol=0)
+
+
+def test_accepts_num_classes_when_consistent():
+    rho = adversarial_label(torch.randn(2, 5), torch.tensor([0, 4]), 0.2, num_classes=5)
+    assert rho.shape == (2, 5)
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(eps=-0.1), ValueError, 'eps=-0.1'),
+    (dict(eps=2.5), ValueError, 'eps=2.5'),
+    (dict(target=torch.tensor([0, 5])), ValueError, 'out of range'),
+    (dict(target=torch.tensor([-1, 0])), ValueError, 'out of range'),
+    (dict(target=torch.tensor([0, 1, 2])), ValueError, 'batch size'),
+    (dict(target=torch.tensor([[0.5, 0.6, 0, 0, 0], [1.0, 0, 0, 0, 0]])), ValueError, 'sum to 1'),
+    (dict(target=torch.tensor([[1.5, -0.5, 0, 0, 0], [1.0, 0, 0, 0, 0]])), ValueError, 'non-negative'),
+    (dict(target=torch.full((2, 4), 0.25)), ValueError, 'num_classes=5'),
+    (dict(target=torch.tensor([0.0, 1.0])), TypeError, 'integer class indices'),
+    (dict(target=torch.ones(2, 5, dtype=torch.long)), TypeError, 'floating point'),
+    (dict(num_classes=4), ValueError, 'num_classes=4'),
+    (dict(logits=torch.ones(2, 5, dtype=torch.long)), TypeError, 'floating-point'),
+    (dict(logits=torch.tensor([[0.0, float('nan'), 0, 0, 0], [0.0] * 5])), ValueError, 'NaN or inf'),
+    (dict(logits=torch.tensor([[0.0, float('inf'), 0, 0, 0], [0.0] * 5])), ValueError, 'NaN or inf'),
+])
+def test_bad_input_is_named(kwargs, error, match):
+    args = dict(logits=torch.randn(2, 5), target=torch.tensor([0, 1]), eps=0.3)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        adversarial_label(**args)
