@@ -6,6 +6,7 @@ Importing this package also registers the paper's CIFAR models with timm (`preac
 from .labels import adversarial_label
 from .loss import ALPSSoftTargetCrossEntropy
 from .mixup import ALPSMixup
+from . import models  # registers preact_resnet18*, vgg16_cifar with timm
 
 __version__ = '0.1.0'
 __all__ = ['adversarial_label', 'ALPSMixup', 'ALPSSoftTargetCrossEntropy']
