@@ -1,0 +1,1 @@
+"""Benchmarks of timm-alps: overhead, training throughput, robustness, paper reproduction."""
