@@ -1,0 +1,445 @@
+""" Robustness benchmark: the ALPS paper's Tables 5-6 protocol plus APGD-CE and a gradient-masking check
+
+Top-1 test error (%) of each checkpoint, clean and under L-infinity attacks in pixel space:
+FGSM, PGD-10 (step eps/4, i.e. the paper's 1/255 at 4/255), APGD-CE (Croce & Hein, 2020), white-box (crafted on the
+model itself) and black-box (crafted once on `--source`, the paper's ERM model, and shown to every model), for each
+radius of the eps grid; plus accuracy under unbounded PGD (eps = inf, 200 steps of 0.01), which must fall to ~0%
+unless gradients are masked. Writes robustness.md (tables laid out like the paper's, its CIFAR figures alongside),
+robustness.csv (one row per method and eps) and robustness.png (error against eps per method).
+
+    python -m benchmarks.robustness output/train/erm/model_best.pth.tar output/train/alps/model_best.pth.tar \\
+        --source output/train/erm_seed1/model_best.pth.tar --output benchmarks/results/robustness
+
+Data: the bundled CIFAR-10 test subset by default; `--data-dir` (shards from `python -m timm_alps.data`),
+`--npz` (uint8 NHWC x_<split> / y_<split>), or `--dataset` (any timm dataset name such as `torch/cifar10` or
+`wds/name`, with `--data-root`).
+"""
+import argparse
+import csv
+import math
+import re
+import shlex
+import sys
+import time
+from fractions import Fraction
+from functools import partial
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from timm_alps.attacks import (
+    UNBOUNDED_MAX_ACCURACY, apgd_ce, evaluate_robustness, fgsm, gradient_masking_suspected, load_checkpoint_model,
+    pgd, unbounded_pgd,
+)
+
+ATTACKS = ('fgsm', 'pgd', 'apgd', 'unbounded')
+TRANSFERABLE = ('fgsm', 'pgd')  # the paper's black-box attacks
+PAPER_EPS = 4 / 255
+
+# The paper's test error (%), PreActResNet18 (Guo et al., IJCAI 2021, Tables 2-3 clean, Table 5 FGSM, Table 6 PGD).
+_PAPER_METHODS = ('ERM', 'Dropout', 'LS', 'MixUp', 'ALPS')
+PAPER_FIGURES: Dict[str, Dict[str, Dict[str, float]]] = {
+    'cifar10': {
+        'clean': dict(zip(_PAPER_METHODS, (6.13, 5.91, 5.66, 4.22, 4.15))),
+        'fgsm': dict(zip(_PAPER_METHODS, (39.02, 38.41, 27.38, 31.96, 24.00))),
+        'bb_fgsm': dict(zip(_PAPER_METHODS, (12.41, 12.20, 10.86, 9.79, 7.91))),
+        'pgd': dict(zip(_PAPER_METHODS, (58.33, 59.19, 42.78, 71.02, 44.55))),
+        'bb_pgd': dict(zip(_PAPER_METHODS, (15.98, 16.17, 13.80, 12.78, 8.55))),
+    },
+    'cifar100': {
+        'clean': dict(zip(_PAPER_METHODS, (25.97, 25.46, 24.85, 22.07, 21.75))),
+        'fgsm': dict(zip(_PAPER_METHODS, (68.67, 65.70, 63.26, 68.33, 56.93))),
+        'bb_fgsm': dict(zip(_PAPER_METHODS, (37.99, 35.94, 34.29, 33.74, 32.84))),
+        'pgd': dict(zip(_PAPER_METHODS, (83.03, 79.15, 79.65, 88.80, 68.34))),
+        'bb_pgd': dict(zip(_PAPER_METHODS, (41.29, 39.82, 40.24, 35.85, 33.79))),
+    },
+}
+_PAPER_LABELS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}
+
+# CSV / table columns: key, header, setting prefix, attack
+COLUMNS = (
+    ('clean', 'Clean', None, None),
+    ('fgsm', 'FGSM white-box', 'white-box', 'fgsm'),
+    ('bb_fgsm', 'FGSM black-box', 'black-box', 'fgsm'),
+    ('pgd', '{pgd} white-box', 'white-box', 'pgd'),
+    ('bb_pgd', '{pgd} black-box', 'black-box', 'pgd'),
+    ('apgd', 'APGD-CE white-box', 'white-box', 'apgd'),
+)
+
+
+def parse_eps(text: str) -> float:
+    """'4/255', '0.0157' or 'inf' -> float; a negative radius is an error."""
+    try:
+        value = float(Fraction(text)) if '/' in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f'eps {text!r} is not a number or a fraction like 4/255')
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f'eps must be >= 0 (pixel units, e.g. 4/255), got {text!r}')
+    if math.isinf(value):
+        raise argparse.ArgumentTypeError('eps=inf belongs to the unbounded check (--attacks unbounded), not the grid')
+    return value
+
+
+def eps_label(eps: float) -> str:
+    levels = eps * 255
+    return f'{round(levels)}/255' if abs(levels - round(levels)) < 1e-6 else f'{eps:.4g}'
+
+
+def paper_method(name: str) -> Optional[str]:
+    """Map a method name (e.g. 'alps', 'cifar10-mixup-s1', 'label_smoothing') to the paper's row, if any."""
+    tokens = [t for t in re.split(r'[^a-z0-9]+', name.lower()) if t]
+    joined = ''.join(tokens)
+    if 'alps' in tokens or joined.startswith('alps'):
+        return 'ALPS'
+    if 'mixup' in tokens:
+        return 'MixUp'
+    if 'ls' in tokens or 'labelsmoothing' in joined or ('label' in tokens and 'smoothing' in tokens):
+        return 'LS'
+    if 'dropout' in tokens:
+        return 'Dropout'
+    if 'erm' in tokens:
+        return 'ERM'
+    return None
+
+
+def method_name(model: torch.nn.Module) -> str:
+    """args.method when the checkpoint has one, else the name of the folder holding the checkpoint."""
+    method = getattr(getattr(model, 'checkpoint_args', None), 'method', None)
+    return str(method) if method else Path(model.checkpoint_path).resolve().parent.name
+
+
+def balanced_first(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the first `n` samples taken round-robin over classes (per-class counts differ by at most one)."""
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank = torch.arange(len(labels)) - starts  # position of each sample within its class, in data order
+    rank_of = torch.empty_like(rank)
+    rank_of[order] = rank
+    keep = torch.argsort(rank_of * (len(labels) + 1) + torch.arange(len(labels)), stable=True)[:n]
+    return keep.sort().values
+
+
+def load_data(args) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """(uint8 N x C x H x W images, int64 labels, description) from the chosen source."""
+    sources = [s for s in (args.data_dir, args.npz, args.dataset) if s]
+    if len(sources) > 1:
+        raise ValueError('give one data source: --data-dir, --npz or --dataset')
+    if args.dataset:
+        images, labels = _load_timm_dataset(args.dataset, args.data_root, args.split)
+        desc = f'{args.dataset} ({args.data_root}) split {args.split!r}'
+    else:
+        from timm_alps.data import BUNDLED_DATA_DIR, load_split_tensors
+        src = args.data_dir or args.npz or BUNDLED_DATA_DIR
+        if not Path(src).exists():
+            raise ValueError(f'data source {str(src)!r} does not exist')
+        if Path(src).suffix == '.npz':
+            with np.load(src) as arrays:
+                key = f'y_{args.split}'
+                if key in arrays.files and arrays[key].shape[0] == 0:
+                    raise ValueError(f'the data set is empty: {key} in {src} holds no label')
+        try:
+            images, labels, _ = load_split_tensors(src, args.split)
+        except KeyError as e:
+            raise ValueError(f'{src} has no split {args.split!r} ({e}); pick one with --split') from e
+        desc = ('bundled CIFAR-10 subset' if src == BUNDLED_DATA_DIR else str(src)) + f' split {args.split!r}'
+    if images.shape[0] == 0:
+        raise ValueError(f'the data set is empty: {desc} holds no image')
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f'{desc}: {images.shape[0]} images but {labels.shape[0]} labels')
+    if args.max_samples is not None and args.max_samples < images.shape[0]:
+        keep = balanced_first(labels, args.max_samples)
+        images, labels = images[keep], labels[keep]
+        desc += f', first {args.max_samples} class-balanced'
+    return images, labels.long(), desc
+
+
+def _load_timm_dataset(name: str, root: Optional[str], split: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    from timm.data import create_dataset
+    if root is None:
+        raise ValueError(f'--dataset {name} needs --data-root (where the data set lives)')
+    dataset = create_dataset(name, root=root, split=split, download=False)
+    images, labels = [], []
+    for img, target in dataset:
+        arr = np.asarray(img.convert('RGB') if hasattr(img, 'convert') else img)
+        images.append(arr if arr.ndim == 3 else arr[..., None])
+        labels.append(int(target))
+    if not images:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+class Batches:
+    """uint8 tensors -> [0, 1] float batches on `device`, with a length for the progress bar."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device):
+        self.images, self.labels, self.batch_size, self.device = images, labels, batch_size, device
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.labels), self.batch_size):
+            x = self.images[i:i + self.batch_size].to(self.device)
+            x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+            yield x, self.labels[i:i + self.batch_size].to(self.device)
+
+
+def build_attacks(args, device: torch.device):
+    """White-box and transfer attack functions keyed '<attack>@<eps label>' (and 'unbounded')."""
+    white, transfer = {}, {}
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    for eps in args.eps:
+        label = eps_label(eps)
+        fns = {
+            'fgsm': partial(fgsm, eps=eps),
+            'pgd': partial(pgd, eps=eps, step_size=max(eps * args.pgd_step_ratio, 1e-12), steps=args.pgd_steps,
+                           random_start=args.pgd_random_start, generator=gen),
+            'apgd': partial(apgd_ce, eps=eps, steps=args.apgd_steps, n_restarts=args.apgd_restarts,
+                            generator=gen),
+        }
+        for name, fn in fns.items():
+            if name in args.attacks:
+                white[f'{name}@{label}'] = fn
+                if name in TRANSFERABLE and args.source:
+                    transfer[f'{name}@{label}'] = fn
+    if 'unbounded' in args.attacks:
+        white['unbounded'] = partial(unbounded_pgd, steps=args.unbounded_steps, step_size=args.unbounded_step_size)
+    return white, transfer
+
+
+def _paper_table(choice: str, num_classes: int) -> Optional[str]:
+    if choice == 'auto':
+        return {10: 'cifar10', 100: 'cifar100'}.get(num_classes)
+    return None if choice == 'none' else choice
+
+
+def rows_from_result(result, names, paths, args, paper: Optional[str]) -> List[Dict[str, object]]:
+    rows = []
+    paper_protocol = args.pgd_steps == 10 and abs(args.pgd_step_ratio - 0.25) < 1e-9 and not args.pgd_random_start
+    for name, path in zip(names, paths):
+        errors = result.errors[name]
+        unbounded = errors.get('white-box/unbounded')
+        paper_row = paper_method(name) if paper else None
+        for eps in args.eps:
+            label = eps_label(eps)
+            row = {'method': name, 'checkpoint': path, 'eps': f'{eps:.6g}', 'eps_label': label,
+                   'num_samples': result.num_samples}
+            for key, _, prefix, attack in COLUMNS:
+                setting = 'clean' if prefix is None else f'{prefix}/{attack}@{label}'
+                row[f'{key}_err'] = _fmt(errors.get(setting))
+            row['unbounded_acc'] = _fmt(None if unbounded is None else 100.0 - unbounded)
+            row['gradient_masking'] = '' if unbounded is None else str(
+                gradient_masking_suspected(100.0 - unbounded, args.masking_threshold)).lower()
+            for key, _, prefix, attack in COLUMNS:
+                figure = None
+                if paper_row and key in PAPER_FIGURES[paper] and (key == 'clean' or abs(eps - PAPER_EPS) < 1e-9):
+                    if not (attack == 'pgd' and not paper_protocol):
+                        figure = PAPER_FIGURES[paper][key][paper_row]
+                row[f'paper_{key}_err'] = _fmt(figure)
+            rows.append(row)
+    return rows
+
+
+def _fmt(value: Optional[float]) -> str:
+    return '' if value is None else f'{value:.2f}'
+
+
+def write_csv(rows: List[Dict[str, object]], path: Path) -> None:
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional[str]) -> None:
+    pgd_name = f'PGD-{args.pgd_steps}'
+    shown = [c for c in COLUMNS if c[0] == 'clean' or (
+        c[3] in args.attacks and (c[2] == 'white-box' or args.source))]
+    lines = ['# Robustness benchmark', '',
+             f'Command: `{meta["command"]}`', '',
+             f'- Data: {meta["data"]}, {meta["num_samples"]} images; device {meta["device"]}; '
+             f'torch {torch.__version__}; wall time {meta["wall"]}.',
+             f'- Attacks in pixel space [0, 1], L-infinity, fp32, models in eval mode. FGSM; {pgd_name} with step '
+             f'{args.pgd_step_ratio:g} x eps{" and random start" if args.pgd_random_start else ", no random start"} '
+             f'(keeps each sample\'s highest-loss iterate); APGD-CE {args.apgd_steps} steps, '
+             f'{args.apgd_restarts} restart(s).',
+             '- Black-box: ' + (f'examples crafted once on **{meta["source"]}** (`{args.source}`) and shown to every '
+                                'model.' if args.source else 'not run (no --source).'),
+             '- Cells: top-1 test error (%), lower is better; best per column in bold.']
+    if paper:
+        lines.append(f'- In parentheses: the paper\'s {_PAPER_LABELS[paper]} PreActResNet18 figures (Guo et al., '
+                     'IJCAI 2021, Tables 2-3, 5, 6) for the method the name matches, at eps = 4/255 only (their '
+                     'PGD: 10 steps of 1/255); the paper trains full models on the full test set, so compare '
+                     'rankings, not digits, on a subset.')
+    for eps in args.eps:
+        label = eps_label(eps)
+        sub = [r for r in rows if r['eps_label'] == label]
+        title = f'## eps = {label}' + (' (the paper\'s setting, Tables 5-6)' if abs(eps - PAPER_EPS) < 1e-9 else '')
+        headers = ['Method'] + [h.format(pgd=pgd_name) for _, h, _, _ in shown]
+        lines += ['', title, '', '| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+        best = {}
+        for key, _, _, _ in shown:
+            values = [float(r[f'{key}_err']) for r in sub if r[f'{key}_err'] != '']
+            best[key] = min(values) if len(values) > 1 else None
+        for r in sub:
+            cells = [str(r['method'])]
+            for key, _, _, _ in shown:
+                value = r[f'{key}_err']
+                cell = value if value != '' else 'n/a'
+                if value != '' and best[key] is not None and float(value) == best[key]:
+                    cell = f'**{cell}**'
+                if r[f'paper_{key}_err'] != '':
+                    cell += f' ({r[f"paper_{key}_err"]})'
+                cells.append(cell)
+            lines.append('| ' + ' | '.join(cells) + ' |')
+    if 'unbounded' in args.attacks:
+        lines += ['', f'## Unbounded PGD sanity check (eps = inf, {args.unbounded_steps} steps of '
+                      f'{args.unbounded_step_size:g})', '',
+                  'An honestly evaluated model falls to ~0% accuracy when the perturbation may cover the whole image; '
+                  f'accuracy above {args.masking_threshold:g}% means its gradients are masked and the bounded '
+                  'white-box numbers above flatter it.', '',
+                  '| Method | Accuracy (%) | Verdict |', '|---|---|---|']
+        for r in rows:
+            if r['eps_label'] == eps_label(args.eps[0]):
+                verdict = 'gradient masking suspected' if r['gradient_masking'] == 'true' else 'ok'
+                lines.append(f'| {r["method"]} | {r["unbounded_acc"]} | {verdict} |')
+    lines += ['', 'Files: `robustness.csv` (one row per method and eps, paper figures in `paper_*` columns), '
+                  '`robustness.png` (error against eps).', '']
+    path.write_text('\n'.join(lines))
+
+
+def write_plot(rows, path: Path, args) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    panels = [(k, h) for k, h, p, a in COLUMNS if p is not None and a in args.attacks and (
+        p == 'white-box' or args.source)]
+    if not panels:
+        return
+    methods = list(dict.fromkeys(r['method'] for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+    for ax, (key, header) in zip(axes[0], panels):
+        for method in methods:
+            sub = sorted((r for r in rows if r['method'] == method), key=lambda r: float(r['eps']))
+            xs = [0.0] + [float(r['eps']) * 255 for r in sub]
+            ys = [float(sub[0]['clean_err'])] + [float(r[f'{key}_err']) for r in sub]
+            ax.plot(xs, ys, marker='o', label=method)
+        ax.set_title(header.format(pgd=f'PGD-{args.pgd_steps}'))
+        ax.set_xlabel('eps (x 1/255)')
+        ax.set_ylabel('top-1 error (%)')
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog='python -m benchmarks.robustness', description=__doc__.split('\n\n')[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('checkpoints', nargs='+', help='train_timm.py checkpoints (one per method)')
+    p.add_argument('--names', nargs='+', default=None,
+                   help='method names, one per checkpoint (default: args.method, else the checkpoint folder)')
+    p.add_argument('--source', default=None, help='checkpoint to craft black-box examples on (the ERM model)')
+    p.add_argument('--source-name', default=None, help='name of the source in the report')
+    p.add_argument('--ema', action='store_true', help="evaluate the checkpoints' EMA weights (state_dict_ema)")
+    p.add_argument('--model', default=None, help='timm model name, overriding the checkpoints\' arch')
+    p.add_argument('--num-classes', type=int, default=None, help='overrides the checkpoints\' num_classes')
+    data = p.add_argument_group('data (default: the bundled CIFAR-10 test subset)')
+    data.add_argument('--data-dir', default=None, help='webdataset shard folder from `python -m timm_alps.data`')
+    data.add_argument('--npz', default=None, help='.npz with uint8 NHWC x_<split> and y_<split>')
+    data.add_argument('--dataset', default=None, help='timm dataset name, e.g. torch/cifar10 or wds/cifar10')
+    data.add_argument('--data-root', default=None, help='root folder for --dataset')
+    data.add_argument('--split', default='test', help='split to evaluate')
+    data.add_argument('--max-samples', type=int, default=None, help='first N images, class-balanced')
+    atk = p.add_argument_group('attacks')
+    atk.add_argument('--attacks', nargs='+', choices=ATTACKS, default=list(ATTACKS))
+    atk.add_argument('--eps', nargs='+', type=parse_eps, default=[2 / 255, 4 / 255, 8 / 255],
+                     help='L-infinity radii in pixel units, e.g. 2/255 4/255 8/255')
+    atk.add_argument('--pgd-steps', type=int, default=10)
+    atk.add_argument('--pgd-step-ratio', type=float, default=0.25,
+                     help='PGD step as a fraction of eps (0.25: the paper\'s 1/255 at 4/255)')
+    atk.add_argument('--pgd-random-start', action='store_true')
+    atk.add_argument('--apgd-steps', type=int, default=100)
+    atk.add_argument('--apgd-restarts', type=int, default=1)
+    atk.add_argument('--unbounded-steps', type=int, default=200)
+    atk.add_argument('--unbounded-step-size', type=float, default=0.01)
+    atk.add_argument('--masking-threshold', type=float, default=UNBOUNDED_MAX_ACCURACY,
+                     help='unbounded-PGD accuracy (%%) above which gradient masking is reported')
+    run = p.add_argument_group('run')
+    run.add_argument('--batch-size', type=int, default=256)
+    run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    run.add_argument('--seed', type=int, default=0, help='seed of the random starts')
+    run.add_argument('--paper', choices=('auto', 'cifar10', 'cifar100', 'none'), default='auto',
+                     help='paper figures to show alongside (auto: by number of classes)')
+    run.add_argument('--output', default='benchmarks/results/robustness', help='folder for the three files')
+    run.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return p
+
+
+def _validate(args) -> None:
+    if args.names is not None and len(args.names) != len(args.checkpoints):
+        raise ValueError(f'--names gives {len(args.names)} names for {len(args.checkpoints)} checkpoints')
+    for name in ('batch_size', 'pgd_steps', 'apgd_steps', 'apgd_restarts', 'unbounded_steps'):
+        if getattr(args, name) < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f'--max-samples must be >= 1, got {args.max_samples}')
+    if not args.pgd_step_ratio > 0 or not args.unbounded_step_size > 0:
+        raise ValueError('--pgd-step-ratio and --unbounded-step-size must be > 0')
+
+
+def run(args, argv: Sequence[str]) -> Dict[str, Path]:
+    """Evaluate, write robustness.md / .csv / .png under `args.output`, return their paths."""
+    _validate(args)
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    load = partial(load_checkpoint_model, device=device, use_ema=args.ema, model_name=args.model,
+                   num_classes=args.num_classes)
+    models = [load(path) for path in args.checkpoints]
+    names = list(args.names) if args.names else [method_name(m) for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f'method names {names} are not unique; name the checkpoints with --names')
+    source = load(args.source) if args.source else None
+    source_name = args.source_name or (method_name(source) if source is not None else None)
+
+    images, labels, desc = load_data(args)
+    white, transfer = build_attacks(args, device)
+    result = evaluate_robustness(
+        dict(zip(names, models)), Batches(images, labels, args.batch_size, device), attacks=white,
+        source=source, transfer_attacks=transfer or None, progress=False if args.no_progress else None)
+
+    paper = _paper_table(args.paper, models[0].num_classes)
+    rows = rows_from_result(result, names, list(args.checkpoints), args, paper)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {'md': out / 'robustness.md', 'csv': out / 'robustness.csv', 'png': out / 'robustness.png'}
+    meta = {
+        'command': 'python -m benchmarks.robustness ' + ' '.join(shlex.quote(a) for a in argv),
+        'data': desc, 'num_samples': str(result.num_samples), 'device': str(device),
+        'wall': f'{time.perf_counter() - start:.0f} s', 'source': source_name or '',
+    }
+    write_csv(rows, paths['csv'])
+    write_markdown(rows, paths['md'], args, meta, paper)
+    write_plot(rows, paths['png'], args)
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Path]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        paths = run(args, argv)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    print(paths['md'].read_text())
+    return paths
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,226 @@
+"""Tests for `python -m benchmarks.robustness`: outputs, table layout, paper figures, one-pass black-box, bad input."""
+import argparse
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import register_model
+
+from benchmarks import robustness as bench
+from timm_alps.attacks import fgsm, load_checkpoint_model
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+
+
+class _TinyCliNet(nn.Module):
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(in_chans, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, num_classes)
+        self.pretrained_cfg = {'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25), 'input_size': (3, 8, 8)}
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@register_model
+def robustness_cli_tiny(pretrained: bool = False, **kwargs) -> nn.Module:
+    for key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
+        kwargs.pop(key, None)
+    return _TinyCliNet(**kwargs)
+
+
+def _data(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % NUM_CLASSES
+    # colours 0.04 apart in a noise of 0.12: clean error ~0, but 2/255-8/255 attacks flip 10-70% of the images
+    colours = 0.5 + 0.04 * torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0], [0.0, -1.0, 1.0]])
+    x = colours[labels][:, :, None, None] + 0.12 * torch.randn(n, 3, 8, 8, generator=g)
+    return x.clamp(0, 1), labels
+
+
+def _checkpoint(path: Path, seed: int, steps: int, num_classes: int = NUM_CLASSES, method=None) -> Path:
+    torch.manual_seed(seed)
+    model = robustness_cli_tiny(num_classes=num_classes)
+    x, y = _data(96, seed=100 + seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(steps):
+        loss = F.cross_entropy(model((x - 0.5) / 0.25), y % num_classes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    args = argparse.Namespace(model='robustness_cli_tiny', num_classes=num_classes, model_kwargs={}, mean=None,
+                              std=None, in_chans=None, gp=None)
+    if method is not None:
+        args.method = method
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({'state_dict': model.state_dict(), 'args': args, 'arch': 'robustness_cli_tiny', 'epoch': 1}, path)
+    return path
+
+
+def _npz(path: Path, n: int = 30) -> Path:
+    x, y = _data(n, seed=7)
+    np.savez(path, x_test=(x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy(), y_test=y.numpy())
+    return path
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp('robustness')
+    return {
+        'erm': _checkpoint(root / 'erm' / 'model_best.pth.tar', seed=0, steps=40),
+        'alps': _checkpoint(root / 'run3' / 'last.pth.tar', seed=1, steps=40, method='alps'),
+        'source': _checkpoint(root / 'erm_seed2' / 'model_best.pth.tar', seed=2, steps=40),
+        'ten': _checkpoint(root / 'ten' / 'model_best.pth.tar', seed=3, steps=2, num_classes=10),
+        'npz': _npz(root / 'data.npz'),
+        'root': root,
+    }
+
+
+FAST = ['--apgd-steps', '4', '--unbounded-steps', '30', '--unbounded-step-size', '0.05',
+        '--batch-size', '16', '--no-progress']
+
+
+def _read_csv(path: Path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_writes_tables_like_the_paper(files, capsys):
+    out = files['root'] / 'out'
+    argv = [str(files['erm']), str(files['alps']), '--source', str(files['source']), '--npz', str(files['npz']),
+            '--eps', '2/255', '4/255', '8/255', '--paper', 'cifar10', '--output', str(out)] + FAST
+    paths = bench.main(argv)
+    assert {p.name for p in out.iterdir()} >= {'robustness.md', 'robustness.csv', 'robustness.png'}
+    assert paths['png'].stat().st_size > 1000
+
+    rows = _read_csv(paths['csv'])
+    assert [(r['method'], r['eps_label']) for r in rows] == [
+        (m, e) for m in ('erm', 'alps') for e in ('2/255', '4/255', '8/255')]
+    for r in rows:
+        assert r['num_samples'] == '30'
+        for key in ('clean', 'fgsm', 'bb_fgsm', 'pgd', 'bb_pgd', 'apgd'):
+            assert 0.0 <= float(r[f'{key}_err']) <= 100.0
+        assert r['gradient_masking'] in ('true', 'false')
+    # errors grow with eps for a fixed method and attack (same examples, larger ball, keep-best PGD)
+    erm = [r for r in rows if r['method'] == 'erm']
+    assert float(erm[0]['pgd_err']) <= float(erm[2]['pgd_err'])
+
+    # paper figures: only at 4/255, matched by name (folder 'erm', args.method 'alps')
+    by = {(r['method'], r['eps_label']): r for r in rows}
+    assert by['erm', '4/255']['paper_fgsm_err'] == '39.02' and by['erm', '4/255']['paper_bb_pgd_err'] == '15.98'
+    assert by['alps', '4/255']['paper_pgd_err'] == '44.55' and by['alps', '4/255']['paper_clean_err'] == '4.15'
+    assert by['alps', '8/255']['paper_fgsm_err'] == ''
+
+    md = paths['md'].read_text()
+    assert '## eps = 4/255 (the paper\'s setting, Tables 5-6)' in md
+    assert '| Method | Clean | FGSM white-box | FGSM black-box | PGD-10 white-box | PGD-10 black-box | ' \
+           'APGD-CE white-box |' in md
+    assert '(24.00)' in md and '(8.55)' in md and 'erm_seed2' in md
+    assert 'Unbounded PGD sanity check' in md
+    assert 'python -m benchmarks.robustness' in md and '--npz' in md
+    assert 'Robustness benchmark' in capsys.readouterr().out
+
+
+def test_cli_numbers_match_direct_evaluation(files):
+    out = files['root'] / 'direct'
+    bench.main([str(files['erm']), '--names', 'mine', '--source', str(files['source']), '--npz', str(files['npz']),
+                '--eps', '8/255', '--attacks', 'fgsm', '--paper', 'none', '--output', str(out)] + FAST)
+    row, = _read_csv(out / 'robustness.csv')
+    model = load_checkpoint_model(files['erm'])
+    source = load_checkpoint_model(files['source'])
+    data = np.load(files['npz'])
+    x = torch.from_numpy(data['x_test']).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(data['y_test']).long()
+
+    def err(images):
+        with torch.no_grad():
+            return f'{100 * (model(images).argmax(1) != y).float().mean().item():.2f}'
+
+    assert row['method'] == 'mine'
+    assert row['clean_err'] == err(x)
+    assert row['fgsm_err'] == err(fgsm(model, x, y, 8 / 255))
+    assert row['bb_fgsm_err'] == err(fgsm(source, x, y, 8 / 255))  # crafted on the source, not the model
+    assert row['pgd_err'] == '' and row['unbounded_acc'] == '' and row['paper_clean_err'] == ''
+
+
+def test_balanced_first():
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2, 1, 0, 2])
+    keep = bench.balanced_first(labels, 6)
+    assert torch.bincount(labels[keep], minlength=3).tolist() == [2, 2, 2]
+    assert keep.tolist() == sorted(keep.tolist())
+    assert keep.tolist() == [0, 1, 4, 5, 6, 7]
+
+
+def test_max_samples_class_balanced(files):
+    out = files['root'] / 'subset'
+    bench.main([str(files['erm']), '--npz', str(files['npz']), '--max-samples', '7', '--eps', '4/255',
+                '--attacks', 'fgsm', 'pgd', '--pgd-steps', '3', '--paper', 'cifar10', '--output', str(out)] + FAST)
+    row, = _read_csv(out / 'robustness.csv')
+    assert row['num_samples'] == '7'
+    md = (out / 'robustness.md').read_text()
+    assert 'first 7 class-balanced' in md and 'PGD-3 white-box' in md
+    # PGD-3 is not the paper's protocol: its PGD figures are left out, FGSM's stay
+    assert row['paper_pgd_err'] == '' and row['paper_bb_pgd_err'] == '' and row['paper_fgsm_err'] == '39.02'
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('alps', 'ALPS'), ('cifar10-alps-s1', 'ALPS'), ('mixup', 'MixUp'), ('label_smoothing', 'LS'), ('ls', 'LS'),
+    ('dropout', 'Dropout'), ('erm', 'ERM'), ('ERM_seed2', 'ERM'), ('20250101-120000-preact_resnet18-32', None),
+    ('else', None)])
+def test_paper_method(name, expected):
+    assert bench.paper_method(name) == expected
+
+
+def test_parse_eps():
+    assert bench.parse_eps('4/255') == pytest.approx(4 / 255)
+    assert bench.parse_eps('0.03') == pytest.approx(0.03)
+    assert bench.eps_label(4 / 255) == '4/255' and bench.eps_label(0.03) == '0.03'
+    for bad in ('-1/255', 'abc', 'inf', '1/0'):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_eps(bad)
+
+
+def _fails(argv, capsys, match: str):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+
+
+def test_bad_input(files, capsys, tmp_path):
+    base = ['--npz', str(files['npz']), '--output', str(tmp_path), '--attacks', 'fgsm'] + FAST
+    erm = str(files['erm'])
+    _fails([erm, '--eps=-4/255'] + base, capsys, 'eps must be >= 0')
+    _fails([erm, '--eps', '4/255', '-0.01'] + base, capsys, 'eps must be >= 0')
+    _fails([erm, '--num-classes', '10'] + base, capsys, 'num_classes=10')
+    _fails([erm, '--model', 'test_resnet'] + base, capsys, "does not match model 'test_resnet'")
+    _fails([erm, '--source', str(files['ten'])] + base, capsys, 'number of classes')
+    _fails([str(files['ten']), erm] + base, capsys, 'number of classes')
+    _fails([str(tmp_path / 'missing.pth.tar')] + base, capsys, 'does not exist')
+    _fails([erm, erm] + base, capsys, 'not unique')
+    _fails([erm, '--names', 'a', 'b'] + base, capsys, '--names gives 2 names for 1 checkpoints')
+    empty = tmp_path / 'empty.npz'
+    np.savez(empty, x_test=np.zeros((0, 8, 8, 3), np.uint8), y_test=np.zeros((0,), np.int64))
+    _fails([erm, '--npz', str(empty), '--output', str(tmp_path)] + FAST, capsys, 'empty')
+    wide = tmp_path / 'wide.npz'
+    np.savez(wide, x_test=np.zeros((4, 8, 8, 3), np.uint8), y_test=np.array([0, 1, 2, 7]))
+    _fails([erm, '--npz', str(wide), '--output', str(tmp_path)] + FAST, capsys, 'labels must lie in [0, 2]')
+    _fails([erm, '--split', 'nosuch'] + base, capsys, 'nosuch')
+
+
+def test_module_entry_point_help():
+    done = subprocess.run([sys.executable, '-m', 'benchmarks.robustness', '--help'], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert '--source' in done.stdout and '--eps' in done.stdout and '--max-samples' in done.stdout
