@@ -342,6 +342,8 @@ def _read_shards(root: Path, split: str) -> Tuple[np.ndarray, np.ndarray, Option
         with tarfile.open(root / fname, 'r:*') as tar:
             sample = {}
             for m in tar:
+                if not m.isfile():
+                    continue
                 key, ext = m.name.rsplit('/', 1)[-1].split('.', 1)
                 if sample and key != sample['key']:
                     raise ValueError(f'Sample {sample["key"]} in {fname} lacks an image or a .cls entry')
@@ -403,10 +405,8 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def _pad_index(n: int, pad: int, mode: str) -> torch.Tensor:
-    """Source index of each of the n + 2 * pad padded positions (-1 for constant padding)."""
+    """Source index in [0, n) of each of the n + 2 * pad positions of an 'edge', 'reflect' or 'symmetric' pad."""
     i = torch.arange(-pad, n + pad)
-    if mode == 'constant':
-        return torch.where((i >= 0) & (i < n), i, -1)
     if mode == 'edge':
         return i.clamp(0, n - 1)
     if mode == 'reflect':
@@ -431,8 +431,8 @@ class InMemoryLoader:
         targets: Class indices, N.
         batch_size: Samples per batch.
         is_training: Shuffle and augment; otherwise samples come in order, unaugmented.
-        mean: Per-channel mean in [0, 1] units (timm convention), one value or C values.
-        std: Per-channel std in [0, 1] units, one value or C values.
+        mean: Per-channel mean in [0, 1] units (timm convention), one value or C values; default CIFAR-10 train.
+        std: Per-channel std in [0, 1] units, one value or C values; default CIFAR-10 train.
         padding: Crop padding in pixels (training only).
         padding_mode: 'constant' (zeros), 'edge', 'reflect' or 'symmetric'.
         hflip: Horizontal flip probability (training only).
@@ -511,13 +511,15 @@ class InMemoryLoader:
 
         # padded NHWC copy, each pixel's channels packed in one word so a crop + flip is one 1-D gather
         p = self.padding
-        hi, wi = _pad_index(h, p, padding_mode), _pad_index(w, p, padding_mode)
-        nhwc = images.permute(0, 2, 3, 1)
         self._words = {1: 1, 2: 2, 3: 4, 4: 4}.get(c, c)
         padded = torch.zeros(n, h + 2 * p, w + 2 * p, self._words, dtype=torch.uint8)
-        padded[:, :, :, :c] = nhwc[:, hi.clamp(min=0)][:, :, wi.clamp(min=0)]
-        padded[:, hi < 0] = 0
-        padded[:, :, wi < 0] = 0
+        padded[:, p:p + h, p:p + w, :c] = images.permute(0, 2, 3, 1)
+        if p and padding_mode != 'constant':
+            # border rows, then border columns of all rows (corners included), copied from inside, as np.pad does
+            for dim, size in ((1, h), (2, w)):
+                border = torch.cat([torch.arange(p), torch.arange(size + p, size + 2 * p)])
+                src = _pad_index(size, p, padding_mode)[border] + p
+                padded.index_copy_(dim, border, padded.index_select(dim, src))
         word_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}.get(self._words)
         packed = padded.view(word_dtype).squeeze(-1) if word_dtype is not None else padded
         self._pixels = packed.reshape(n * (h + 2 * p) * (w + 2 * p), *packed.shape[3:]).to(self.device)
