@@ -81,7 +81,7 @@ def test_per_class_lossless_deterministic(tmp_path):
         assert idx == sorted(idx) and (sy[idx] == y.numpy()).all()
     other = convert(tmp_path / 'toy.npz', tmp_path / 'c', **dict(kw, seed=4))
     assert other['splits']['train']['num_samples'] == 24
-    assert not torch.equal(load_split_tensors(tmp_path / 'c', 'train')[0], load_split_tensors(tmp_path / 'a', 'train')[0])
+    assert not torch.equal(*(load_split_tensors(tmp_path / d, 'train')[0] for d in 'ac'))
     with pytest.raises(ValueError, match='per_class=50'):
         convert(tmp_path / 'toy.npz', tmp_path / 'd', splits=['train'], per_class=50)
 
@@ -97,7 +97,8 @@ def test_folder_round_trip(tmp_path):
                 Image.fromarray(img).save(tmp_path / 'src' / split / c / f'{i}.png')
                 expected.setdefault(split, []).append((img, ['cat', 'dog'].index(c)))
     info = convert(tmp_path / 'src', tmp_path / 'out', name='pets')
-    assert info['format'] == 'folder' and info['classes'] == ['cat', 'dog'] and list(info['splits']) == ['train', 'test']
+    assert info['format'] == 'folder' and info['classes'] == ['cat', 'dog']
+    assert list(info['splits']) == ['train', 'test']
     for split in ('train', 'test'):
         x, y = read_timm(tmp_path / 'out', 'pets', split)
         np.testing.assert_array_equal(x, np.stack([img for img, _ in expected[split]]))
@@ -190,7 +191,8 @@ def test_crop_flip_exact(padding_mode):
         ref = padded[idx[j], :, dy[j]:dy[j] + 8, dx[j]:dx[j] + 6]
         ref = ref[..., ::-1] if flip[j] else ref
         np.testing.assert_array_equal(out[j].numpy(), ref)
-    assert 0 < flip.sum() < 50 and set(dx.tolist()) == set(range(7)) and torch.equal(idx.sort().values, torch.arange(50))
+    assert 0 < flip.sum() < 50 and set(dx.tolist()) == set(range(7))
+    assert torch.equal(idx.sort().values, torch.arange(50))
 
 
 def test_flip_probability_and_normalise():

@@ -483,15 +483,17 @@ class InMemoryLoader:
             raise ValueError(f'batch_size must be a positive int, got {batch_size!r}')
         if padding_mode not in PADDING_MODES:
             raise ValueError(f'padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}')
-        if not isinstance(padding, int) or padding < 0 or (padding_mode in ('reflect', 'symmetric') and padding >= min(h, w)):
-            raise ValueError(f'padding must be an int in [0, {min(h, w)}) for {h}x{w} images, got {padding!r}')
+        max_pad = min(h, w) if padding_mode in ('reflect', 'symmetric') else float('inf')
+        if not isinstance(padding, int) or not 0 <= padding < max_pad:
+            raise ValueError(f'padding must be an int in [0, {max_pad}) for {padding_mode} padding of {h}x{w} images, '
+                             f'got {padding!r}')
         if not 0. <= hflip <= 1.:
             raise ValueError(f'hflip is a probability in [0, 1], got {hflip}')
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f'need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}')
         if not img_dtype.is_floating_point:
             raise TypeError(f'img_dtype must be a floating dtype, got {img_dtype}')
-        mean, std = torch.as_tensor(mean, dtype=torch.float64).flatten(), torch.as_tensor(std, dtype=torch.float64).flatten()
+        mean, std = (torch.as_tensor(v, dtype=torch.float64).flatten() for v in (mean, std))
         if len(mean) not in (1, c) or len(std) not in (1, c) or (std <= 0).any():
             raise ValueError(f'mean / std need 1 or {c} values (std > 0) for {c}-channel images, '
                              f'got mean={mean.tolist()}, std={std.tolist()}')

@@ -186,7 +186,8 @@ class VggCifar(nn.Module):
         prev_chs, reduction = in_chans, 1
         for v in cfg:
             if v == 'M':
-                self.feature_info.append(dict(num_chs=prev_chs, reduction=reduction, module=f'features.{len(layers) - 1}'))
+                tap = f'features.{len(layers) - 1}'
+                self.feature_info.append(dict(num_chs=prev_chs, reduction=reduction, module=tap))
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 reduction *= 2
             else:
