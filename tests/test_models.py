@@ -22,7 +22,7 @@ def n_params(model):
 def test_registered():
     assert set(timm.list_models('preact*')) >= {'preact_resnet18', 'preact_resnet18_w16', 'preact_resnet18_w32'}
     assert 'vgg16_cifar' in timm.list_models('vgg16*')
-    assert n_params(timm.create_model('vgg16')) > 100e6  # timm's own vgg16 is untouched
+    assert timm.models.model_entrypoint('vgg16').__module__ == 'timm.models.vgg'  # timm's own vgg16 is untouched
 
 
 @pytest.mark.parametrize('name', list(PARAMS))
@@ -35,13 +35,13 @@ def test_params_forward_backward(name):
     assert cfg['mean'] == CIFAR10_MEAN and cfg['std'] == CIFAR10_STD
     assert isinstance(model.get_submodule(cfg['first_conv']), torch.nn.Conv2d)
     assert model.get_submodule(cfg['classifier']) is model.get_classifier()
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
     out = model(x)
-    assert out.shape == (4, 10)
+    assert out.shape == (2, 10)
     out.logsumexp(1).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     feats = model.forward_features(x)
-    assert model.forward_head(feats, pre_logits=True).shape == (4, model.num_features)
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
 
 
 def test_width_kwarg():
@@ -76,7 +76,7 @@ def test_drop_rate_on_penultimate(name):
 
 @pytest.mark.parametrize('name', ['preact_resnet18_w16', 'vgg16_cifar'])
 def test_reset_classifier_in_chans_num_classes(name):
-    model = timm.create_model(name, num_classes=100, in_chans=1)
+    model = timm.create_model(name, num_classes=100, in_chans=1, width=16)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 100)
     model.reset_classifier(7)
     assert model.get_classifier().out_features == 7 and model.num_classes == 7
