@@ -47,9 +47,17 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast (GPU)')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch default)')
+    parser.add_argument('--clock', choices=('wall', 'cpu'), default='wall',
+                        help='cpu: process CPU time, robust to other load on a shared machine (use with --threads 1)')
     parser.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'overhead.md'))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.clock == 'cpu' and device.type != 'cpu':
+        parser.error('--clock cpu measures host CPU time: only meaningful with --device cpu')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == 'cpu' else time.perf_counter
     torch.manual_seed(0)
 
     model = timm.create_model(args.model, num_classes=args.num_classes).to(device)
@@ -81,11 +89,11 @@ def main(argv=None):
     def timed(mix, criterion):
         if device.type == 'cuda':
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         step(mix, criterion)
         if device.type == 'cuda':
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return clock() - start
 
     for mix, criterion in variants.values():
         for _ in range(args.warmup):
@@ -110,10 +118,11 @@ def main(argv=None):
         f'{" channels_last" if args.channels_last else ""}',
         '',
         f'Machine: {machine_name(device)}; torch {torch.__version__}, timm {timm.__version__}. '
-        f'{args.reps} interleaved repetitions after {args.warmup} warm-up steps per variant.',
+        f'{args.reps} interleaved repetitions after {args.warmup} warm-up steps per variant; '
+        f'{"process CPU time" if args.clock == "cpu" else "wall-clock time"}.',
         f'Command: `{command.strip()}`',
         '',
-        '| variant | median step (ms) | IQR (ms) | ratio to timm Mixup |',
+        f'| variant | median step ({args.clock}, ms) | IQR (ms) | ratio to timm Mixup |',
         '|---|---|---|---|',
         *rows,
         '',
