@@ -1,0 +1,999 @@
+""" Reproduce the ALPS paper's Tables 2, 3, 5 and 6: one resumable runner for training, attacks and the table
+
+    python -m benchmarks.reproduce --preset smoke             # every method, bundled subset, 1 epoch (minutes, CPU)
+    python -m benchmarks.reproduce --preset cpu --time-budget 150
+    python -m benchmarks.reproduce --preset paper --dry-run   # print the exact train / eval commands
+    python -m benchmarks.reproduce --preset cpu --sweep eps=0.1,0.2,0.3,0.4 --seeds 0
+
+Each (dataset, model, method, seed) is one `train_timm.py` run with the preset's recipe, in
+`<runs-dir>/<preset>/<dataset>-<model>-e<epochs>/<method>-s<seed>/`. A run whose final checkpoint and summary
+exist is skipped; an interrupted one is continued with `--resume auto`. After training, each model is attacked
+(`timm_alps.attacks`): clean, FGSM 4/255 and PGD-10 (step 1/255, radius 4/255) white-box, the same crafted on the
+ERM model of the same seed (black-box), APGD-CE, the unbounded-PGD gradient-masking check, and PGD error against
+eps for the plot. Results are cached per run (`eval.json`), so evaluation resumes too.
+
+`<results-dir>/<preset>/` gets `table.md` / `table.csv` (mean +- std over seeds beside the paper's numbers, missing
+runs marked), `curves.png` (test error and train loss per epoch), `eps.png` (white-box PGD error against eps),
+`runs.csv` (status, wall time, throughput per run), `commands.md` (the exact commands) and `environment.json`.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ('erm', 'dropout', 'ls', 'mixup', 'alps')
+# Launch order within a seed: ERM first (black-box source), then the methods the issue's goals compare.
+LAUNCH_ORDER = ('erm', 'mixup', 'alps', 'ls', 'dropout')
+METHOD_LABELS = dict(erm='ERM', dropout='Dropout', ls='Label smoothing', mixup='MixUp', alps='ALPS')
+# Settings the issue fixes for the comparison; anything else follows train_timm.py's --method presets.
+METHOD_ARGS: Dict[str, List[str]] = {
+    'erm': ['--method', 'erm'],
+    'dropout': ['--method', 'dropout', '--drop', '0.5'],
+    'ls': ['--method', 'ls', '--smoothing', '0.1'],
+    'mixup': ['--method', 'mixup', '--mixup', '1.0'],
+    'alps': ['--method', 'alps'],  # eps / Beta come from the preset (alps_eps, alps_beta)
+}
+EPS_PIXELS = 4 / 255  # the paper's L-inf radius for FGSM and PGD
+PGD_STEP = 1 / 255
+PGD_STEPS = 10
+UNBOUNDED_STEP = 0.01
+
+# -- presets ---------------------------------------------------------------------------------------------------------
+# `data`: dataset -> default source (an .npz or a shard folder; 'bundled' = the subset shipped with timm_alps).
+# `milestones`: fractions of `epochs` where the LR is divided by 10 (the paper: 100 and 150 of 200).
+# `eval`: attack-suite sizes: `samples` test images for clean/FGSM/PGD (white- and black-box); APGD-CE, the unbounded
+# check and the eps curve use the first `*_samples` of those.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    'smoke': dict(
+        description='every method on a few hundred bundled images for 1 epoch: the pipeline end to end',
+        data={'cifar10': 'bundled'},
+        models=('preact_resnet18_w16',),
+        epochs=1, milestones=(0.5, 0.75), batch_size=64, lr=0.05, seeds=(0,),
+        alps_eps=0.3, alps_beta=(8.0, 2.0),
+        max_train_samples=256, max_eval_samples=128,
+        train_args=['--channels-last'],
+        eval=dict(clean_samples=128, samples=32, batch_size=32, apgd_samples=8, apgd_steps=3, unbounded_samples=8,
+                  unbounded_steps=5, curve_samples=16, curve_eps=(1, 2, 4, 8)),
+    ),
+    'cpu': dict(
+        description='CIFAR-10, width-16 PreActResNet18, the paper recipe with the step schedule compressed to '
+                    'the epoch budget; sized for about 2.5 h on 2 CPU cores',
+        data={'cifar10': '../shared/data/cifar10.npz'},
+        models=('preact_resnet18_w16',),
+        epochs=6, milestones=(0.5, 0.75), batch_size=128, lr=0.1, seeds=(0, 1),
+        alps_eps=0.3, alps_beta=(8.0, 2.0),
+        max_train_samples=None, max_eval_samples=2000,
+        train_args=['--channels-last'],
+        eval=dict(clean_samples=10000, samples=500, batch_size=250, apgd_samples=100, apgd_steps=25,
+                  unbounded_samples=50, unbounded_steps=50, curve_samples=100, curve_eps=(1, 2, 4, 8)),
+    ),
+    'paper': dict(
+        description='the paper recipe: 200 epochs, batch 128, SGD 0.1 momentum 0.9, /10 at 100 and 150, wd 1e-4, '
+                    'crop+flip; PreActResNet18 and VGG16 on CIFAR-10 and CIFAR-100 (GPU: bf16, channels_last, '
+                    'data on the GPU)',
+        data={'cifar10': '../shared/data/cifar10.npz', 'cifar100': '../shared/data/cifar100.npz'},
+        models=('preact_resnet18', 'vgg16_cifar'),
+        epochs=200, milestones=(0.5, 0.75), batch_size=128, lr=0.1, seeds=(0, 1, 2),
+        alps_eps=0.3, alps_beta=(8.0, 2.0),
+        max_train_samples=None, max_eval_samples=None,
+        train_args=['--channels-last', '--amp', '--amp-dtype', 'bfloat16', '--loader', 'fast'],
+        eval=dict(clean_samples=10000, samples=10000, batch_size=1000, apgd_samples=1000, apgd_steps=100, unbounded_samples=500,
+                  unbounded_steps=200, curve_samples=2000, curve_eps=(1, 2, 4, 8)),
+    ),
+}
+NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
+# narrow CPU variants are compared with the paper's full-width model of the same family
+PAPER_MODEL = {'preact_resnet18_w16': 'preact_resnet18', 'preact_resnet18_w32': 'preact_resnet18'}
+
+
+def get_preset(name: str, epochs: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
+               methods: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """A copy of preset `name` with the command-line overrides applied.
+
+    Raises:
+        ValueError: unknown preset or method, epochs < 1.
+    """
+    if name not in PRESETS:
+        raise ValueError(f'unknown preset {name!r}; choose one of {", ".join(PRESETS)}')
+    preset = dict(PRESETS[name], name=name, eval=dict(PRESETS[name]['eval']))
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f'--epochs must be >= 1, got {epochs}')
+        preset['epochs'] = epochs
+    if seeds is not None:
+        preset['seeds'] = tuple(seeds)
+    preset['methods'] = tuple(methods) if methods else METHODS
+    unknown = [m for m in preset['methods'] if m not in METHODS]
+    if unknown:
+        raise ValueError(f'unknown method(s) {unknown}; choose from {", ".join(METHODS)}')
+    preset['methods'] = tuple(sorted(preset['methods'], key=METHODS.index))
+    return preset
+
+
+def milestones(preset: Dict[str, Any]) -> List[int]:
+    """LR decay epochs: the preset's fractions of its epoch budget (100, 150 of 200 for the paper)."""
+    e = preset['epochs']
+    out = sorted({min(max(1, math.floor(f * e + 0.5)), e) for f in preset["milestones"]})
+    return out
+
+
+# -- sweeps -------------------------------------------------------------------------------------------------------------
+def parse_sweep(spec: str) -> Tuple[str, List[Tuple[str, Dict[str, Any]]]]:
+    """`eps=0.1,0.2` or `beta=0.8,0.875` (modes of Beta(a, 2)) or `beta=8:2,4:1.5` (a:b pairs).
+
+    Returns:
+        (name, [(tag, ALPS settings)]), e.g. ('eps', [('eps0.1', {'alps_eps': 0.1}), ...]).
+
+    Raises:
+        ValueError: unknown sweep name or a value outside its range.
+    """
+    if '=' not in spec:
+        raise ValueError(f'--sweep takes NAME=V1,V2,... (eps or beta), got {spec!r}')
+    name, values = spec.split('=', 1)
+    name = name.strip()
+    items = [v.strip() for v in values.split(',') if v.strip()]
+    if not items:
+        raise ValueError(f'--sweep {name}= has no values')
+    out = []
+    for v in items:
+        if name == 'eps':
+            eps = float(v)
+            if not 0 < eps <= 2:
+                raise ValueError(f'--sweep eps values must lie in (0, 2] (the L1 radius; the paper uses (0, 0.5)), '
+                                 f'got {v}')
+            out.append((f'eps{eps:g}', {'alps_eps': eps}))
+        elif name == 'beta':
+            if ':' in v:
+                a, b = (float(t) for t in v.split(':', 1))
+            else:
+                mode = float(v)
+                if not 0.5 < mode < 1:
+                    raise ValueError(f'--sweep beta mode must lie in (0.5, 1) (the paper: (0.75, 1)), got {v}; '
+                                     f'or give a:b pairs such as 8:2')
+                a, b = 1.0 / (1.0 - mode), 2.0  # mode of Beta(a, 2) is (a - 1) / a
+            if a <= 0 or b <= 0:
+                raise ValueError(f'--sweep beta parameters must be > 0, got {v}')
+            out.append((f'beta{a:g}-{b:g}', {'alps_beta': (a, b)}))
+        else:
+            raise ValueError(f'--sweep {name!r} is unknown: sweep eps or beta')
+    return name, out
+
+
+# -- runs ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One training run and where it lives."""
+    dataset: str
+    model: str
+    method: str
+    seed: int
+    tag: str = ''  # sweep tag ('' for the main comparison)
+    alps: Dict[str, Any] = field(default_factory=dict)
+    group_dir: Path = Path('.')
+
+    @property
+    def name(self) -> str:
+        return f'{self.method}{"-" + self.tag if self.tag else ""}-s{self.seed}'
+
+    @property
+    def dir(self) -> Path:
+        return self.group_dir / self.name
+
+    @property
+    def log_path(self) -> Path:
+        # beside the run folder, not in it: train_timm.py refuses to start in a folder that holds files
+        return self.group_dir / f'{self.name}.log'
+
+    @property
+    def meta_path(self) -> Path:
+        return self.group_dir / f'{self.name}.reproduce.json'
+
+    @property
+    def group(self) -> str:
+        return f'{self.dataset}-{self.model}'
+
+
+def group_dir(runs_dir: Path, preset: Dict[str, Any], dataset: str, model: str) -> Path:
+    return runs_dir / preset['name'] / f'{dataset}-{model}-e{preset["epochs"]}'
+
+
+def plan_runs(preset: Dict[str, Any], runs_dir: Path, sweep: Optional[str] = None) -> List[Run]:
+    """Runs in launch order: seed by seed (`LAUNCH_ORDER` within a seed, ERM first), so seed 0 of every method
+    finishes before seed 1 starts."""
+    runs = []
+    default_alps = dict(alps_eps=preset['alps_eps'], alps_beta=tuple(preset['alps_beta']))
+    sweep_values = parse_sweep(sweep)[1] if sweep else None
+    for dataset in preset['data']:
+        for model in preset['models']:
+            gdir = group_dir(runs_dir, preset, dataset, model)
+            for seed in preset['seeds']:
+                if sweep_values is None:
+                    for method in sorted(preset['methods'], key=LAUNCH_ORDER.index):
+                        runs.append(Run(dataset, model, method, seed, alps=dict(default_alps) if method == 'alps'
+                                        else {}, group_dir=gdir))
+                    continue
+                for tag, setting in sweep_values:
+                    alps = dict(default_alps, **setting)
+                    # the preset's own setting is the main ALPS run: train it once
+                    tag = '' if alps == default_alps else tag
+                    runs.append(Run(dataset, model, 'alps', seed, tag=tag, alps=alps, group_dir=gdir))
+    return runs
+
+
+def resolve_data(preset: Dict[str, Any], data_args: Sequence[str]) -> Dict[str, str]:
+    """dataset -> data source, from the preset and `--data [DATASET=]PATH` overrides.
+
+    Raises:
+        ValueError: a bare PATH for a preset with several datasets, or an unknown dataset name.
+    """
+    data = dict(preset['data'])
+    for item in data_args or ():
+        if '=' in item and not os.path.exists(item):
+            key, path = item.split('=', 1)
+            if key not in data:
+                raise ValueError(f'--data {item!r}: preset {preset["name"]!r} has no dataset {key!r} '
+                                 f'(it has {", ".join(data)})')
+            data[key] = path
+        else:
+            if len(data) != 1:
+                raise ValueError(f'preset {preset["name"]!r} trains on {", ".join(data)}: pass --data DATASET=PATH')
+            data[next(iter(data))] = item
+    for key, path in data.items():
+        if path != 'bundled' and not os.path.isabs(path):
+            data[key] = str((REPO / path).resolve())
+    return data
+
+
+def prepare_data(source: str, dataset: str, runs_dir: Path, dry_run: bool = False) -> Tuple[str, str, List[str]]:
+    """(data_dir, timm dataset name, converter command) for `source`: the bundled subset, a shard folder, or an npz
+    converted once to shards under `<runs_dir>/data/` (the converter command is returned for the record)."""
+    if source == 'bundled':
+        from timm_alps.data import BUNDLED_DATA_DIR
+        return str(BUNDLED_DATA_DIR), 'wds/cifar10_subset', []
+    src = Path(source)
+    if src.is_dir():
+        info = json.loads((src / '_info.json').read_text()) if (src / '_info.json').is_file() else {}
+        return str(src), f'wds/{info.get("name", dataset)}', []
+    if src.suffix != '.npz':
+        raise ValueError(f'data source {source!r} is neither a shard folder, an .npz, nor "bundled"')
+    digest = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]
+    out = runs_dir / 'data' / f'{dataset}-{src.stem}-{digest}'
+    cmd = [sys.executable, '-m', 'timm_alps.data', str(src), str(out), '--name', dataset]
+    if not (out / '_info.json').is_file() and not dry_run:
+        if not src.is_file():
+            raise FileNotFoundError(f'{dataset} data {str(src)!r} does not exist; pass --data PATH (an .npz with '
+                                    f'x_train/y_train/x_test/y_test, or a shard folder from `python -m timm_alps.data`)')
+        print(f'[reproduce] converting {src} -> {out}', flush=True)
+        subprocess.run(cmd, check=True, cwd=REPO)
+    return str(out), f'wds/{dataset}', cmd
+
+
+def train_command(run: Run, preset: Dict[str, Any], data_dir: str, dataset_name: str,
+                  python: str = sys.executable) -> List[str]:
+    """The exact `train_timm.py` command of `run` (without `--resume`)."""
+    cmd = [python, str(REPO / 'train_timm.py'),
+           '--data-dir', data_dir, '--dataset', dataset_name,
+           '--model', run.model, '--num-classes', str(NUM_CLASSES[run.dataset]),
+           '-b', str(preset['batch_size']), '--epochs', str(preset['epochs']),
+           '--opt', 'sgd', '--lr', str(preset['lr']), '--momentum', '0.9', '--weight-decay', '1e-4',
+           '--sched', 'multistep', '--decay-milestones', *[str(m) for m in milestones(preset)],
+           '--decay-rate', '0.1', '--warmup-epochs', '0',
+           '--seed', str(run.seed), '--output', str(run.group_dir), '--experiment', run.name,
+           '--checkpoint-hist', '1', '--no-progress', '--log-interval', '100']
+    cmd += METHOD_ARGS[run.method]
+    if run.method == 'alps':
+        a, b = run.alps['alps_beta']
+        cmd += ['--alps-eps', f'{run.alps["alps_eps"]:g}', '--alps-beta', f'{a:g}', f'{b:g}']
+    if preset.get('max_train_samples'):
+        cmd += ['--max-train-samples', str(preset['max_train_samples'])]
+    if preset.get('max_eval_samples'):
+        cmd += ['--max-eval-samples', str(preset['max_eval_samples'])]
+    cmd += list(preset.get('train_args', ()))
+    return cmd
+
+
+def _read_summary(path: Path) -> List[Dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    # a resumed run may repeat epochs: the last row of each epoch wins
+    by_epoch = {int(r['epoch']): r for r in rows if r.get('epoch', '').strip().lstrip('-').isdigit()}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def checkpoint_epoch(run_dir: Path) -> Optional[int]:
+    """Completed epochs of `last.pth.tar` (None when absent or unreadable); mid-epoch checkpoints count as not done."""
+    path = run_dir / 'last.pth.tar'
+    if not path.is_file():
+        return None
+    from timm_alps.checkpoint import CheckpointError, load_training_checkpoint
+    try:
+        ckpt = load_training_checkpoint(str(path), mmap=True)
+    except CheckpointError:
+        return None
+    if ckpt.get('batch_idx') is not None:
+        return int(ckpt['epoch'])
+    return int(ckpt['epoch']) + 1
+
+
+def run_status(run: Run, preset: Dict[str, Any]) -> str:
+    """'finished', 'partial' (has a checkpoint to resume) or 'missing'."""
+    done = checkpoint_epoch(run.dir)
+    summary = _read_summary(run.dir / 'summary.csv')
+    if done is not None and done >= preset['epochs'] and len(summary) >= preset['epochs']:
+        return 'finished'
+    if done is not None or any(run.dir.glob('*.pth.tar')):
+        return 'partial'
+    return 'missing'
+
+
+def _load_meta(run: Run) -> Dict[str, Any]:
+    return json.loads(run.meta_path.read_text()) if run.meta_path.is_file() else {}
+
+
+def _save_meta(run: Run, meta: Dict[str, Any]) -> None:
+    run.group_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run.meta_path, meta)
+
+
+def _comparable(cmd: Sequence[str]) -> List[str]:
+    # the interpreter and repository may move between machines (CPU box, GPU box); the recipe may not
+    return [Path(c).name if i < 2 else c for i, c in enumerate(cmd)]
+
+
+INVOCATION = ''  # the runner call, recorded with each training slice
+_CHILDREN: set = set()  # training processes in flight (they run in their own session: signals are forwarded)
+
+
+def _stop_children(signum, frame) -> None:
+    for proc in list(_CHILDREN):
+        try:
+            proc.send_signal(signal.SIGINT)  # each writes a checkpoint and exits; the next call resumes it
+        except OSError:
+            pass
+    raise KeyboardInterrupt
+
+
+def _thread_env(threads: Optional[int]) -> Dict[str, str]:
+    env = dict(os.environ)
+    if threads:
+        # one intra-op thread per process is much faster than two on cores other processes also use
+        for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+            env[var] = str(threads)
+    return env
+
+
+def train(run: Run, cmd: List[str], preset: Dict[str, Any], deadline: Optional[float], stop_at_deadline: bool,
+          log: Any = print, threads: Optional[int] = None) -> str:
+    """Train `run` to completion (resuming if it has a checkpoint); returns its status afterwards.
+
+    A run started with another recipe is not resumed with this one (ValueError): remove its folder or use another
+    --runs-dir.
+    """
+    status = run_status(run, preset)
+    if status == 'finished':
+        return status
+    meta = _load_meta(run)
+    data_keys = ('--data-dir',)
+    if meta.get('command') and _strip(_comparable(meta['command']), data_keys) != _strip(_comparable(cmd), data_keys):
+        raise ValueError(f'{run.dir} was started with another command:\n  {shlex.join(meta["command"])}\nnow:\n  '
+                         f'{shlex.join(cmd)}\nDelete that folder or pass another --runs-dir.')
+    full = list(cmd)
+    if status == 'partial':
+        full += ['--resume', 'auto']
+    elif run.dir.exists() and any(p for p in run.dir.iterdir() if not p.name.startswith('.')):
+        full += ['--overwrite']  # a run killed before its first checkpoint: nothing to keep
+    meta.setdefault('command', cmd)
+    meta.setdefault('slices', [])
+    run.group_dir.mkdir(parents=True, exist_ok=True)
+    log(f'[reproduce] {"resume" if status == "partial" else "train"} {run.group}/{run.name}')
+    t0, start = time.time(), time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    with open(run.log_path, 'a') as out:
+        out.write(f'\n$ {shlex.join(full)}\n')
+        out.flush()
+        proc = subprocess.Popen(full, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=_thread_env(threads))
+        _CHILDREN.add(proc)
+        interrupted = False
+        try:
+            while True:
+                try:
+                    rc = proc.wait(timeout=5)
+                    break
+                except subprocess.TimeoutExpired:
+                    if stop_at_deadline and deadline is not None and time.time() > deadline and not interrupted:
+                        # SIGINT: train_timm.py writes a recovery checkpoint and exits; the next call resumes it
+                        log(f'[reproduce] time budget reached: interrupting {run.name} (it will resume)')
+                        proc.send_signal(signal.SIGINT)
+                        interrupted = True
+        finally:
+            _CHILDREN.discard(proc)
+    meta['slices'].append(dict(start=start, seconds=round(time.time() - t0, 1), rc=rc,
+                               resumed=status == 'partial', host=platform.node(), machine=_machine_line(),
+                               threads=threads, invocation=INVOCATION))
+    _save_meta(run, meta)
+    if rc not in (0, 128 + signal.SIGINT):
+        tail = run.log_path.read_text().splitlines()[-15:]
+        log(f'[reproduce] {run.name} failed (exit {rc}); last lines of {run.log_path}:\n  '
+            + '\n  '.join(tail))
+    return run_status(run, preset)
+
+
+def _strip(cmd: Sequence[str], keys: Sequence[str]) -> List[str]:
+    out, skip = [], False
+    for c in cmd:
+        if skip:
+            skip = False
+            continue
+        if c in keys:
+            skip = True
+            continue
+        out.append(c)
+    return out
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------------------
+def _device():
+    import torch
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def eval_subset(data_source: str, samples: int):
+    """The first `samples` images of a fixed seeded permutation of the test split: [0, 1] floats and labels."""
+    import torch
+    from timm_alps.data import load_split_tensors
+    x, y, _ = load_split_tensors(data_source, 'test')
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(y), generator=g)[:min(samples, len(y))].sort().values
+    return x[idx].float().div_(255), y[idx]
+
+
+def _batches(x, y, batch_size: int, device):
+    for i in range(0, len(y), batch_size):
+        yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+
+
+def _error(model, x, y, batch_size: int, device) -> float:
+    import torch
+    wrong = 0
+    with torch.no_grad():
+        for xb, yb in _batches(x, y, batch_size, device):
+            wrong += int((model(xb).argmax(1) != yb).sum())
+    return 100.0 * wrong / len(y)
+
+
+def _attack_all(attack, model, x, y, batch_size: int, device):
+    import torch
+    return torch.cat([attack(model, xb, yb).cpu() for xb, yb in _batches(x, y, batch_size, device)])
+
+
+def _attacks():
+    from timm_alps import attacks as A
+    return {
+        'fgsm': lambda m, x, y: A.fgsm(m, x, y, EPS_PIXELS),
+        'pgd': lambda m, x, y: A.pgd(m, x, y, EPS_PIXELS, PGD_STEP, PGD_STEPS),
+    }
+
+
+def transfer_source(run: Run, seeds: Sequence[int]) -> Run:
+    """The ERM model whose adversarial examples are `run`'s black-box attack: that of the next planned seed (cyclic),
+    so the ERM row is a transfer between two independently trained ERM models, as in the paper's Tables 5-6. With a
+    single seed there is no other ERM model and the source is the same-seed ERM (its black-box = its white-box)."""
+    seeds = list(seeds)
+    seed = seeds[(seeds.index(run.seed) + 1) % len(seeds)] if run.seed in seeds else run.seed
+    return Run(run.dataset, run.model, 'erm', seed, group_dir=run.group_dir)
+
+
+def transfer_name(source: Run, ev: Dict[str, Any]) -> str:
+    return f'transfer-{source.name}-n{ev["samples"]}.pt'
+
+
+def craft_transfer(source: Run, data_source: str, ev: Dict[str, Any], log: Any = print) -> Path:
+    """Black-box examples (FGSM, PGD-10) crafted once on the ERM model `source`, cached beside its group."""
+    import torch
+    from timm_alps.attacks import load_checkpoint_model
+    path = source.group_dir / transfer_name(source, ev)
+    if path.is_file() and path.stat().st_mtime >= (source.dir / 'last.pth.tar').stat().st_mtime:
+        return path
+    device = _device()
+    log(f'[reproduce] crafting black-box examples on {source.group}/{source.name}')
+    model = load_checkpoint_model(source.dir / 'last.pth.tar', device)
+    x, y = eval_subset(data_source, ev['samples'])
+    adv = {k: _attack_all(a, model, x, y, ev['batch_size'], device) for k, a in _attacks().items()}
+    tmp = path.with_suffix('.part')
+    torch.save(dict(adv=adv, labels=y, source=source.name), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, obj: Dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + '.part')
+    tmp.write_text(json.dumps(obj, indent=1) + '\n')
+    os.replace(tmp, path)
+
+
+def evaluate(run: Run, data_source: str, ev: Dict[str, Any], transfer: Optional[Path], log: Any = print
+             ) -> Dict[str, Any]:
+    """Attack-suite errors (%) of `run`'s final model, cached in `<run>/eval.json`: the white-box part is recomputed
+    only when the checkpoint or the settings change; black-box results are kept per source file."""
+    import torch
+    from timm_alps import attacks as A
+    path = run.dir / 'eval.json'
+    ckpt = run.dir / 'last.pth.tar'
+    key = dict(ev, checkpoint_mtime=ckpt.stat().st_mtime)
+    key['curve_eps'] = list(key['curve_eps'])
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get('key') != key:
+        result = dict(key=key, black={})
+    need_black = transfer is not None and transfer.name not in result['black']
+    if 'errors' in result and not need_black:
+        return result
+    device = _device()
+    model = A.load_checkpoint_model(ckpt, device)
+    bs = ev['batch_size']
+    t0 = time.time()
+    if 'errors' not in result:
+        log(f'[reproduce] evaluating {run.group}/{run.name} (white-box)')
+        xc, yc = eval_subset(data_source, ev['clean_samples'])
+        x, y = eval_subset(data_source, ev['samples'])
+        errors: Dict[str, float] = {'clean': _error(model, xc, yc, bs, device),
+                                    'clean-attack-subset': _error(model, x, y, bs, device)}
+        for name, attack in _attacks().items():
+            errors[f'white-box/{name}'] = _error(model, _attack_all(attack, model, x, y, bs, device), y, bs, device)
+        n = ev['apgd_samples']
+        apgd = lambda m, xb, yb: A.apgd_ce(m, xb, yb, EPS_PIXELS, steps=ev['apgd_steps'],  # noqa: E731
+                                           generator=torch.Generator(device=xb.device).manual_seed(0))
+        errors['white-box/apgd-ce'] = _error(model, _attack_all(apgd, model, x[:n], y[:n], bs, device), y[:n], bs,
+                                             device)
+        n = ev['unbounded_samples']
+        unb = lambda m, xb, yb: A.unbounded_pgd(m, xb, yb, steps=ev['unbounded_steps'],  # noqa: E731
+                                                step_size=UNBOUNDED_STEP)
+        unbounded_acc = 100.0 - _error(model, _attack_all(unb, model, x[:n], y[:n], bs, device), y[:n], bs, device)
+        n = ev['curve_samples']
+        curve = {0: _error(model, x[:n], y[:n], bs, device)}
+        for e in ev['curve_eps']:
+            att = lambda m, xb, yb, e=e: A.pgd(m, xb, yb, e / 255, e / 255 / 4, PGD_STEPS)  # noqa: E731
+            curve[e] = _error(model, _attack_all(att, model, x[:n], y[:n], bs, device), y[:n], bs, device)
+        result.update(errors=errors, unbounded_accuracy=unbounded_acc,
+                      gradient_masking_suspected=A.gradient_masking_suspected(unbounded_acc),
+                      pgd_curve={str(k): v for k, v in curve.items()}, device=str(device),
+                      seconds=round(time.time() - t0, 1))
+        _write_json(path, result)
+    if need_black:
+        t1 = time.time()
+        cached = torch.load(transfer, weights_only=True)
+        black = {f'black-box/{name}': _error(model, adv, cached['labels'], bs, device)
+                 for name, adv in cached['adv'].items()}
+        result['black'][transfer.name] = dict(black, source=cached['source'])
+        result['seconds'] = round(result.get('seconds', 0) + time.time() - t1, 1)
+        _write_json(path, result)
+    return result
+
+
+# -- results ------------------------------------------------------------------------------------------------------------
+TABLE_METRICS = ('clean', 'white-box/fgsm', 'white-box/pgd', 'black-box/fgsm', 'black-box/pgd', 'white-box/apgd-ce')
+METRIC_LABELS = {'clean': 'clean', 'white-box/fgsm': 'FGSM white', 'white-box/pgd': 'PGD-10 white',
+                 'black-box/fgsm': 'FGSM black', 'black-box/pgd': 'PGD-10 black', 'white-box/apgd-ce': 'APGD-CE white'}
+
+
+def collect(run: Run, preset: Dict[str, Any]) -> Dict[str, Any]:
+    """Everything the table needs from one run's folder (missing pieces left out)."""
+    rec: Dict[str, Any] = dict(group=run.group, dataset=run.dataset, model=run.model, method=run.method,
+                               tag=run.tag, seed=run.seed, status=run_status(run, preset), errors={})
+    summary = _read_summary(run.dir / 'summary.csv')
+    rec['epochs_done'] = len(summary)
+    rec['curve'] = [(int(r['epoch']) + 1, 100.0 - float(r['eval_top1']), float(r['train_loss'])) for r in summary
+                    if r.get('eval_top1') not in (None, '')]
+    if rec['status'] == 'finished' and rec['curve']:
+        rec['errors']['clean'] = rec['curve'][-1][1]  # train_timm.py's last eval; replaced by eval.json's
+    meta = _load_meta(run)
+    rec['train_seconds'] = sum(s['seconds'] for s in meta.get('slices', []))
+    rec['command'] = meta.get('command')
+    rec['machines'] = [sl.get('machine') or (_machine_line() if sl.get('host') == platform.node() else sl.get('host'))
+                       for sl in meta.get('slices', [])]
+    ips = [float(r['train_img_per_sec']) for r in summary if r.get('train_img_per_sec')]
+    rec['img_per_sec'] = sum(ips) / len(ips) if ips else None
+    path = run.dir / 'eval.json'
+    ev = json.loads(path.read_text()) if rec['status'] == 'finished' and path.is_file() else {}
+    rec['errors'].update(ev.get('errors', {}))
+    black = ev.get('black', {}).get(transfer_name(transfer_source(run, preset['seeds']), preset['eval']), {})
+    rec['errors'].update({k: v for k, v in black.items() if k.startswith('black-box/')})
+    rec['black_source'] = black.get('source')
+    if 'unbounded_accuracy' in ev:
+        rec['unbounded_accuracy'] = ev['unbounded_accuracy']
+        rec['gradient_masking_suspected'] = ev['gradient_masking_suspected']
+        rec['pgd_curve'] = {float(k): v for k, v in ev['pgd_curve'].items()}
+        rec['eval_seconds'] = ev['seconds']
+    return rec
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float('nan')
+    return m, s
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return 'missing'
+    m, s = _mean_std(values)
+    return f'{m:.2f}' if len(values) == 1 else f'{m:.2f} ± {s:.2f}'
+
+
+def aggregate(records: Sequence[Dict[str, Any]], seeds: Sequence[int]) -> List[Dict[str, Any]]:
+    """Per (group, method, tag): values per metric over the finished seeds."""
+    from benchmarks.paper_numbers import paper_error
+    rows = []
+    keys = []
+    for r in records:
+        k = (r['group'], r['method'], r['tag'])
+        if k not in keys:
+            keys.append(k)
+    for group, method, tag in keys:
+        recs = [r for r in records if (r['group'], r['method'], r['tag']) == (group, method, tag)]
+        r0 = recs[0]
+        row = dict(group=group, dataset=r0['dataset'], model=r0['model'], method=method, tag=tag,
+                   seeds_planned=len(seeds), seeds_done=[r['seed'] for r in recs if r['status'] == 'finished'],
+                   values={}, paper={})
+        for metric in TABLE_METRICS:
+            row['values'][metric] = [r['errors'][metric] for r in recs if metric in r['errors']]
+            if not tag:
+                row['paper'][metric] = paper_error(r0['dataset'], PAPER_MODEL.get(r0['model'], r0['model']), method,
+                                                   metric)
+        row['unbounded'] = [r['unbounded_accuracy'] for r in recs if 'unbounded_accuracy' in r]
+        row['masking'] = any(r.get('gradient_masking_suspected') for r in recs)
+        rows.append(row)
+    return rows
+
+
+def goal_checks(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The issue's goals checked against the measured means, one honest line each."""
+    lines = []
+    for group in dict.fromkeys(r['group'] for r in rows):
+        by = {r['method']: r for r in rows if r['group'] == group and not r['tag']}
+
+        def mean(method, metric):
+            v = by.get(method, {}).get('values', {}).get(metric) or []
+            return sum(v) / len(v) if v else None
+
+        def check(text, a, b, cmp, relation):
+            if a is None or b is None:
+                lines.append(f'- {group}: {text}: not measured (runs missing)')
+                return
+            ok = cmp(a, b)
+            lines.append(f'- {group}: {text}: **{"yes" if ok else "NO"}** ({a:.2f} {relation if ok else "vs"} {b:.2f})')
+
+        check('ALPS clean error <= MixUp', mean('alps', 'clean'), mean('mixup', 'clean'), lambda a, b: a <= b, '<=')
+        check('MixUp clean error < ERM', mean('mixup', 'clean'), mean('erm', 'clean'), lambda a, b: a < b, '<')
+        for metric in ('white-box/fgsm', 'white-box/pgd'):
+            for base in ('erm', 'mixup'):
+                check(f'ALPS {METRIC_LABELS[metric]} error < {METHOD_LABELS[base]}', mean('alps', metric),
+                      mean(base, metric), lambda a, b: a < b, '<')
+    return lines
+
+
+def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, invocation: str,
+                  data: Dict[str, str], sweep: Optional[str] = None) -> Path:
+    """table.md / table.csv (or sweep-<name>.md/.csv), curves.png, eps.png, runs.csv, commands.md, environment.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = [collect(r, preset) for r in runs]
+    rows = aggregate(records, preset['seeds'])
+    rows.sort(key=lambda r: (r['group'], METHODS.index(r['method']), r['tag']))
+    stem = f'sweep-{parse_sweep(sweep)[0]}' if sweep else 'table'
+
+    with open(out_dir / f'{stem}.csv', 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['dataset', 'model', 'method', 'setting', 'metric', 'mean', 'std', 'n_seeds', 'seeds_planned',
+                    'values', 'paper_mean', 'paper_std'])
+        for row in rows:
+            for metric in TABLE_METRICS:
+                vals = row['values'][metric]
+                m, s = _mean_std(vals) if vals else (float('nan'), float('nan'))
+                p = row['paper'].get(metric)
+                w.writerow([row['dataset'], row['model'], row['method'], row['tag'] or 'default', metric,
+                            f'{m:.3f}', f'{s:.3f}', len(vals), row['seeds_planned'],
+                            ' '.join(f'{v:.2f}' for v in vals), p[0] if p else '', p[1] if p else ''])
+
+    ev = preset['eval']
+    md = [f'# ALPS reproduction: preset `{preset["name"]}`' + (f', sweep `{sweep}`' if sweep else ''), '',
+          f'{preset["description"]}.', '',
+          f'Top-1 test error (%), mean ± std over the finished seeds (n = seeds finished of {len(preset["seeds"])} '
+          f'planned), beside the paper\'s number in brackets (paper: full-width model, 200 epochs). '
+          f'Clean error is on the first {ev["clean_samples"]} test images of a fixed permutation; attacks use the '
+          f'first {ev["samples"]} of them (APGD-CE: the first {ev["apgd_samples"]}, {ev["apgd_steps"]} steps). '
+          f'FGSM radius 4/255; PGD-10 step 1/255 radius 4/255; white-box = the model attacks itself; black-box = '
+          + ('examples crafted on the ERM model of the next seed (cyclic: seed s is attacked with examples from '
+             'erm-s(s+1)), so every row, ERM included, is a transfer between independently trained models.'
+             if len(preset['seeds']) > 1 else
+             'examples crafted on the ERM model of the same seed (one seed only: ERM\'s black-box equals its '
+             'white-box).'), '',
+          f'Machine: {_machines(records)}.', '']
+    for group in dict.fromkeys(r['group'] for r in rows):
+        grows = [r for r in rows if r['group'] == group]
+        md += [f'## {group} ({preset["epochs"]} epochs, LR /10 at {", ".join(map(str, milestones(preset)))})', '']
+        head = ['method' if not sweep else 'ALPS setting', 'seeds'] + [METRIC_LABELS[m] for m in TABLE_METRICS] + \
+            ['unbounded PGD acc.']
+        md += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+        for row in grows:
+            cells = [METHOD_LABELS[row['method']] + (f' ({row["tag"]})' if row['tag'] else ''),
+                     f'{len(row["seeds_done"])}/{row["seeds_planned"]}']
+            for metric in TABLE_METRICS:
+                cell = _fmt(row['values'][metric])
+                p = row['paper'].get(metric)
+                if p:
+                    cell += f' [{p[0]:.2f}]'
+                cells.append(cell)
+            unb = _fmt(row['unbounded'])
+            cells.append(unb + (' (masking?)' if row['masking'] else ''))
+            md.append('| ' + ' | '.join(cells) + ' |')
+        md.append('')
+    if not sweep:
+        md += ['## The issue\'s goals, checked', ''] + goal_checks(rows) + ['']
+    md += ['Unbounded PGD (eps = inf, step 0.01, '
+           f'{ev["unbounded_steps"]} steps, first {ev["unbounded_samples"]} images): accuracy must fall to ~0%; '
+           '"masking?" flags a model above 1%, whose white-box numbers would then flatter it.', '',
+           f'Figures: [curves.png](curves.png) (test error and train loss per epoch), [eps.png](eps.png) '
+           f'(white-box PGD-10 error against eps, step eps/4, first {ev["curve_samples"]} images). Per-run status, '
+           f'wall time and throughput: [runs.csv](runs.csv); exact commands: [commands.md](commands.md); software '
+           f'and machine: [environment.json](environment.json).', '']
+    (out_dir / f'{stem}.md').write_text('\n'.join(md))
+
+    with open(out_dir / ('runs.csv' if not sweep else f'{stem}-runs.csv'), 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['group', 'run', 'status', 'epochs_done', 'train_seconds', 'train_img_per_sec', 'eval_seconds',
+                    'clean_error'])
+        for r, run in zip(records, runs):
+            w.writerow([r['group'], run.name, r['status'], r['epochs_done'], f'{r["train_seconds"]:.0f}',
+                        f'{r["img_per_sec"]:.0f}' if r['img_per_sec'] else '', r.get('eval_seconds', ''),
+                        f'{r["errors"]["clean"]:.2f}' if 'clean' in r['errors'] else ''])
+
+    if not sweep:
+        _plot(records, out_dir, preset)
+    invocations = list(dict.fromkeys(
+        sl['invocation'] for run in runs for sl in _load_meta(run).get('slices', []) if sl.get('invocation')))
+    cmds = [f'# Commands of preset `{preset["name"]}`', '', 'Runner calls that trained and attacked these runs, then '
+            'the one that wrote this folder:', '', '```bash', *invocations, invocation, '```', '', 'Training runs (the runner adds `--resume auto` to continue an interrupted run; '
+            'paths are those of the machine that ran them):', '', '```bash']
+    for r, run in zip(records, runs):
+        if r['command']:
+            cmds.append(shlex.join(r['command']))
+    cmds += ['```', '', f'Data: {json.dumps(data)}', '']
+    (out_dir / 'commands.md').write_text('\n'.join(cmds))
+    (out_dir / 'environment.json').write_text(json.dumps(environment(), indent=1) + '\n')
+    return out_dir / f'{stem}.md'
+
+
+def _plot(records: Sequence[Dict[str, Any]], out_dir: Path, preset: Dict[str, Any]) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    groups = list(dict.fromkeys(r['group'] for r in records))
+    colors = {m: f'C{i}' for i, m in enumerate(METHODS)}
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 4 * len(groups)), squeeze=False)
+    for gi, group in enumerate(groups):
+        for r in records:
+            if r['group'] != group or not r['curve'] or r['tag']:
+                continue
+            ep, err, loss = zip(*r['curve'])
+            style = dict(color=colors[r['method']], ls='-' if r['seed'] == preset['seeds'][0] else '--', alpha=0.85,
+                         label=f'{METHOD_LABELS[r["method"]]} s{r["seed"]}')
+            axes[gi, 0].plot(ep, err, marker='o', **style, markersize=3)
+            axes[gi, 1].plot(ep, loss, marker='o', **style, markersize=3)
+        axes[gi, 0].set(xlabel='epoch', ylabel='test error (%)', title=f'{group}: test error')
+        axes[gi, 1].set(xlabel='epoch', ylabel='train loss (on its own targets)', title=f'{group}: train loss')
+        for ax in axes[gi]:
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / 'curves.png', dpi=80)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
+    for gi, group in enumerate(groups):
+        ax = axes[0, gi]
+        for method in METHODS:
+            curves = [r['pgd_curve'] for r in records if r['group'] == group and r['method'] == method
+                      and not r['tag'] and r.get('pgd_curve')]
+            if not curves:
+                continue
+            eps = sorted(curves[0])
+            means = [sum(c[e] for c in curves) / len(curves) for e in eps]
+            ax.plot(eps, means, 'o-', color=colors[method], label=f'{METHOD_LABELS[method]} (n={len(curves)})')
+        ax.set(xlabel='L-inf radius eps (x/255)', ylabel='top-1 error (%)', ylim=(0, 100),
+               title=f'{group}: white-box PGD-10')
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / 'eps.png', dpi=80)
+    plt.close(fig)
+
+
+def environment() -> Dict[str, Any]:
+    """Software versions and the machine, for the record."""
+    import numpy
+    import timm
+    import torch
+    import timm_alps
+    env = dict(python=sys.version.split()[0], torch=torch.__version__, timm=timm.__version__,
+               timm_alps=getattr(timm_alps, '__version__', '?'), numpy=numpy.__version__,
+               platform=platform.platform(), machine=platform.machine(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
+               torch_threads=torch.get_num_threads(),
+               gpu=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or None,
+               cuda=torch.version.cuda if torch.cuda.is_available() else None)
+    try:
+        env['git_commit'] = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                                           check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env['git_commit'] = None
+    return env
+
+
+def _machine_line() -> str:
+    import torch
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    if gpus:
+        return f'{", ".join(gpus)} (CUDA {torch.version.cuda})'
+    return f'CPU {_cpu_name()}, {os.cpu_count()} cores'
+
+
+def _machines(records: Sequence[Dict[str, Any]]) -> str:
+    seen = list(dict.fromkeys(m for r in records for m in r.get('machines', [])))
+    return '; '.join(seen) if seen else 'no run yet'
+
+
+def _cpu_name() -> Optional[str]:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+# -- main ---------------------------------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='python -m benchmarks.reproduce', description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--preset', required=True, choices=tuple(PRESETS))
+    parser.add_argument('--data', action='append', default=[], metavar='[DATASET=]PATH',
+                        help='data source: an .npz (converted once to shards under <runs-dir>/data) or a shard '
+                             'folder; DATASET= picks the dataset for presets with several')
+    parser.add_argument('--seeds', default=None, help='comma separated seeds (default: the preset\'s)')
+    parser.add_argument('--methods', default=None, help=f'comma separated subset of {",".join(METHODS)}')
+    parser.add_argument('--epochs', type=int, default=None, help='epoch budget override (milestones scale with it)')
+    parser.add_argument('--sweep', default=None, metavar='NAME=V1,V2',
+                        help='ALPS sweep instead of the comparison: eps=0.1,0.2,0.3,0.4 or beta=0.8,0.875,0.9 (modes '
+                             'of Beta(a, 2)) or beta=8:2,4:2')
+    parser.add_argument('--runs-dir', default=str(REPO / 'runs'), help='checkpoints and logs (default: ./runs)')
+    parser.add_argument('--results-dir', default=str(REPO / 'benchmarks' / 'results'),
+                        help='tables and figures go to <results-dir>/<preset>/')
+    parser.add_argument('--time-budget', type=float, default=None, metavar='MINUTES',
+                        help='launch no training run after this many minutes; finished runs stay finished')
+    parser.add_argument('--stop-at-budget', action='store_true',
+                        help='also interrupt the run in progress at the budget (it checkpoints and resumes later)')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='training runs at once (CPU: --jobs 2 --threads 1 uses 2 cores best)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='intra-op threads per training process and for the evaluation (default: torch\'s)')
+    parser.add_argument('--dry-run', action='store_true', help='print the commands and the runs\' status, run nothing')
+    parser.add_argument('--no-eval', action='store_true', help='train only; the table shows clean error')
+    parser.add_argument('--report-only', action='store_true', help='only (re)write the results from what exists')
+    args = parser.parse_args(argv)
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error(f'--jobs and --threads must be >= 1, got {args.jobs} and {args.threads}')
+    if args.time_budget is not None and args.time_budget < 0:
+        parser.error(f'--time-budget must be >= 0 minutes, got {args.time_budget}')
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(',')] if args.seeds else None
+    except ValueError:
+        parser.error(f'--seeds takes comma separated integers, got {args.seeds!r}')
+    args.methods = [m.strip() for m in args.methods.split(',')] if args.methods else None
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    deadline = t_start + 60 * args.time_budget if args.time_budget is not None else None
+    try:
+        preset = get_preset(args.preset, args.epochs, args.seeds, args.methods)
+        if args.sweep:
+            parse_sweep(args.sweep)
+        data = resolve_data(preset, args.data)
+    except ValueError as e:
+        print(f'reproduce: error: {e}', file=sys.stderr)
+        return 2
+    runs_dir = Path(args.runs_dir).resolve()
+    runs = plan_runs(preset, runs_dir, args.sweep)
+    invocation = 'python -m benchmarks.reproduce ' + shlex.join(argv if argv is not None else sys.argv[1:])
+    global INVOCATION
+    INVOCATION = invocation
+    results = Path(args.results_dir) / preset['name']
+
+    prepared = {}
+    for dataset, source in data.items():
+        prepared[dataset] = prepare_data(source, dataset, runs_dir, dry_run=args.dry_run or args.report_only)
+    if args.dry_run:
+        for dataset, (_, _, conv) in prepared.items():
+            if conv:
+                print('# data (once):', shlex.join(conv))
+        for run in runs:
+            ddir, dname, _ = prepared[run.dataset]
+            print(f'# {run.group}/{run.name}: {run_status(run, preset)}')
+            print(shlex.join(train_command(run, preset, ddir, dname)))
+        ev = preset['eval']
+        print(f'# then per run: attack suite on {ev["samples"]} test images (timm_alps.attacks: FGSM/PGD-10 '
+              f'white- and black-box from erm-s<seed>, APGD-CE x{ev["apgd_samples"]}, unbounded x'
+              f'{ev["unbounded_samples"]}); results -> {results}')
+        return 0
+
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    failures = 0
+    if not args.report_only:
+        def launch(run: Run) -> str:
+            ddir, dname, _ = prepared[run.dataset]
+            if deadline is not None and time.time() > deadline and run_status(run, preset) != 'finished':
+                log(f'[reproduce] time budget spent: not launching {run.group}/{run.name}')
+                return 'skipped'
+            return train(run, train_command(run, preset, ddir, dname), preset, deadline, args.stop_at_budget,
+                         log=log, threads=args.threads)
+
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+        signal.signal(signal.SIGTERM, _stop_children)
+        signal.signal(signal.SIGINT, _stop_children)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(launch, run) for run in runs]  # workers take them in launch order
+            try:
+                for fut in as_completed(futures):
+                    status = fut.result()
+                    if status in ('partial', 'missing'):
+                        failures += 1
+                    elif status == 'finished' and not args.no_eval:
+                        # this run, and any earlier one whose black-box source has just become available
+                        evaluate_finished(runs, preset, data, prepared, log)
+            except ValueError as e:
+                for f in futures:
+                    f.cancel()
+                print(f'reproduce: error: {e}', file=sys.stderr)
+                return 2
+    path = write_results(preset, runs, results, invocation, data, args.sweep)
+    log(f'[reproduce] {path} written ({time.time() - t_start:.0f}s)')
+    return 1 if failures and deadline is None else 0
+
+
+def evaluate_finished(runs: Sequence[Run], preset: Dict[str, Any], data: Dict[str, str],
+                      prepared: Dict[str, Tuple[str, str, List[str]]], log: Any = print) -> None:
+    """Attack every finished run that lacks results (cached, so a no-op for the others)."""
+    ev = preset['eval']
+    for run in runs:
+        if run_status(run, preset) != 'finished':
+            continue
+        source_data = data[run.dataset] if data[run.dataset] != 'bundled' else prepared[run.dataset][0]
+        source = transfer_source(run, preset['seeds'])
+        transfer = None
+        if run_status(source, preset) == 'finished':
+            transfer = craft_transfer(source, source_data, ev, log=log)
+        evaluate(run, source_data, ev, transfer, log=log)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

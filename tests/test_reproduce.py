@@ -1,0 +1,168 @@
+"""Tests for `benchmarks.reproduce`: the smoke preset end to end on the bundled data, and the runner's pieces."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import reproduce as R
+from benchmarks.paper_numbers import PAPER_ERRORS, paper_error
+
+
+def test_paper_numbers_tables():
+    assert paper_error('cifar10', 'preact_resnet18', 'alps', 'clean') == (4.15, 0.129)
+    assert paper_error('cifar10', 'preact_resnet18', 'mixup', 'white-box/pgd') == (71.02, 1.018)
+    assert paper_error('cifar100', 'vgg16_cifar', 'erm', 'clean') == (28.87, 0.297)
+    assert paper_error('cifar100', 'preact_resnet18', 'alps', 'black-box/fgsm') == (32.84, 0.237)
+    # Tables 5-6 are PreActResNet18 only
+    assert paper_error('cifar10', 'vgg16_cifar', 'alps', 'white-box/fgsm') is None
+    assert len(PAPER_ERRORS) == 4
+
+
+def test_milestones_scale_with_epochs():
+    assert R.milestones(R.get_preset('paper')) == [100, 150]
+    assert R.milestones(R.get_preset('cpu', epochs=6)) == [3, 5]
+    assert R.milestones(R.get_preset('cpu', epochs=1)) == [1]
+
+
+def test_get_preset_rejects_bad_input():
+    with pytest.raises(ValueError, match='unknown preset'):
+        R.get_preset('nope')
+    with pytest.raises(ValueError, match='unknown method'):
+        R.get_preset('cpu', methods=['erm', 'cutout'])
+    with pytest.raises(ValueError, match='--epochs'):
+        R.get_preset('cpu', epochs=0)
+
+
+def test_parse_sweep():
+    assert R.parse_sweep('eps=0.1,0.3') == ('eps', [('eps0.1', {'alps_eps': 0.1}), ('eps0.3', {'alps_eps': 0.3})])
+    name, values = R.parse_sweep('beta=0.875,4:2')
+    assert name == 'beta'
+    assert values[0][1]['alps_beta'] == pytest.approx((8.0, 2.0))  # mode (a - 1) / a = 0.875
+    assert values[1][1]['alps_beta'] == (4.0, 2.0)
+    for bad in ('eps', 'eps=', 'eps=-0.1', 'beta=1.2', 'gamma=1'):
+        with pytest.raises(ValueError):
+            R.parse_sweep(bad)
+
+
+def test_plan_runs_order_and_sweep(tmp_path):
+    preset = R.get_preset('cpu', seeds=[0, 1])
+    runs = R.plan_runs(preset, tmp_path)
+    names = [r.name for r in runs]
+    # seed 0 of every method first, ERM first (it is a black-box source)
+    assert names[:5] == ['erm-s0', 'mixup-s0', 'alps-s0', 'ls-s0', 'dropout-s0']
+    assert len(names) == 10 and len(set(names)) == 10
+    sweep = R.plan_runs(R.get_preset('cpu', seeds=[0]), tmp_path, 'eps=0.1,0.3')
+    # the preset's own eps is the main ALPS run, not a second copy of it
+    assert [r.name for r in sweep] == ['alps-eps0.1-s0', 'alps-s0']
+    assert sweep[0].alps == {'alps_eps': 0.1, 'alps_beta': (8.0, 2.0)}
+
+
+def test_transfer_source_is_another_erm_model(tmp_path):
+    run = R.Run('cifar10', 'm', 'alps', 0, group_dir=tmp_path)
+    assert R.transfer_source(run, [0, 1]).name == 'erm-s1'
+    assert R.transfer_source(R.Run('cifar10', 'm', 'erm', 1, group_dir=tmp_path), [0, 1]).name == 'erm-s0'
+    assert R.transfer_source(run, [0]).name == 'erm-s0'
+
+
+def test_resolve_data(tmp_path):
+    preset = R.get_preset('paper')
+    with pytest.raises(ValueError, match='DATASET=PATH'):
+        R.resolve_data(preset, [str(tmp_path)])
+    with pytest.raises(ValueError, match='no dataset'):
+        R.resolve_data(preset, ['svhn=/x.npz'])
+    data = R.resolve_data(preset, [f'cifar100={tmp_path}'])
+    assert data['cifar100'] == str(tmp_path)
+    assert R.resolve_data(R.get_preset('cpu'), [str(tmp_path)]) == {'cifar10': str(tmp_path)}
+
+
+def test_train_command_has_the_recipe(tmp_path):
+    preset = R.get_preset('paper')
+    run = R.plan_runs(preset, tmp_path)[2]
+    assert run.method == 'alps'
+    cmd = R.train_command(run, preset, '/data', 'wds/cifar10')
+    text = ' '.join(cmd)
+    for piece in ('--epochs 200', '-b 128', '--lr 0.1', '--weight-decay 1e-4', '--sched multistep',
+                  '--decay-milestones 100 150', '--alps-eps 0.3', '--alps-beta 8 2', '--amp-dtype bfloat16',
+                  '--experiment alps-s0', '--seed 0'):
+        assert piece in text
+    assert '--resume' not in cmd
+
+
+def _fake_checkpoint(run_dir: Path, epoch: int) -> None:
+    run_dir.mkdir(parents=True)
+    torch.save({'state_dict': {}, 'optimizer': {}, 'epoch': epoch}, run_dir / 'last.pth.tar')
+
+
+def test_interrupted_run_is_resumed_and_finished_run_skipped(tmp_path):
+    preset = R.get_preset('smoke', epochs=3)
+    run = R.Run('cifar10', 'preact_resnet18_w16', 'erm', 0, group_dir=tmp_path)
+    assert R.run_status(run, preset) == 'missing'
+    _fake_checkpoint(run.dir, epoch=0)  # one of three epochs done
+    assert R.run_status(run, preset) == 'partial'
+    cmd = [sys.executable, '-c', 'import sys; print("ARGV", sys.argv[1:])']
+    assert R.train(run, cmd, preset, None, False, log=lambda s: None) == 'partial'
+    assert "'--resume', 'auto'" in run.log_path.read_text()
+    meta = json.loads(run.meta_path.read_text())
+    assert meta['command'] == cmd and len(meta['slices']) == 1 and meta['slices'][0]['resumed']
+    # another recipe must not continue this run
+    with pytest.raises(ValueError, match='another command'):
+        R.train(run, cmd + ['--lr', '1'], preset, None, False, log=lambda s: None)
+
+    done = R.Run('cifar10', 'preact_resnet18_w16', 'erm', 1, group_dir=tmp_path)
+    _fake_checkpoint(done.dir, epoch=2)
+    with open(done.dir / 'summary.csv', 'w') as f:
+        f.write('epoch,train_loss,eval_loss,eval_top1\n' + ''.join(f'{e},1,1,50\n' for e in range(3)))
+    assert R.run_status(done, preset) == 'finished'
+    assert R.train(done, ['false'], preset, None, False, log=lambda s: None) == 'finished'
+    assert not done.meta_path.exists()  # nothing was launched
+
+
+def test_dry_run_prints_commands(tmp_path, capsys):
+    assert R.main(['--preset', 'paper', '--dry-run', '--runs-dir', str(tmp_path),
+                   '--data', f'cifar10={tmp_path}', '--data', f'cifar100={tmp_path}']) == 0
+    out = capsys.readouterr().out
+    assert out.count('train_timm.py') == 2 * 2 * 3 * 5  # datasets x models x seeds x methods
+    assert 'vgg16_cifar' in out and 'cifar100' in out
+    assert not any(tmp_path.iterdir())
+
+
+def test_goal_checks_report_contradictions():
+    rows = [dict(group='g', method=m, tag='', values={'clean': [c], 'white-box/fgsm': [f], 'white-box/pgd': [p]})
+            for m, c, f, p in (('erm', 10, 50, 70), ('mixup', 9, 45, 80), ('alps', 9.5, 30, 60))]
+    lines = R.goal_checks(rows)
+    assert any('ALPS clean error <= MixUp: **NO**' in line for line in lines)
+    assert any('MixUp clean error < ERM: **yes**' in line for line in lines)
+    assert sum('**yes**' in line for line in lines) == 5
+
+
+def test_smoke_preset_end_to_end(tmp_path):
+    """Every method trains on the bundled subset, is attacked, and lands in the table; a second call skips all."""
+    runs_dir, results_dir = tmp_path / 'runs', tmp_path / 'results'
+    argv = ['--preset', 'smoke', '--runs-dir', str(runs_dir), '--results-dir', str(results_dir),
+            '--jobs', '2', '--threads', '1']
+    assert R.main(argv) == 0
+    out = results_dir / 'smoke'
+    for name in ('table.md', 'table.csv', 'curves.png', 'eps.png', 'runs.csv', 'commands.md', 'environment.json'):
+        assert (out / name).is_file(), name
+    with open(out / 'table.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert {r['method'] for r in rows} == set(R.METHODS)
+    for r in rows:
+        assert r['n_seeds'] == '1', r
+        assert 0.0 <= float(r['mean']) <= 100.0
+    table = (out / 'table.md').read_text()
+    assert 'missing' not in table
+    assert '[6.13]' in table  # the paper's ERM clean error beside ours
+    commands = (out / 'commands.md').read_text()
+    assert commands.count('train_timm.py') == 5
+    env = json.loads((out / 'environment.json').read_text())
+    assert env['torch'] == torch.__version__
+
+    metas = sorted(runs_dir.glob('smoke/*/*.reproduce.json'))
+    assert len(metas) == 5
+    before = [m.read_text() for m in metas]
+    assert R.main(argv) == 0  # resumable: finished runs are neither retrained nor re-attacked
+    assert [m.read_text() for m in metas] == before
