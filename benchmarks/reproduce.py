@@ -99,11 +99,13 @@ PAPER_MODEL = {'preact_resnet18_w16': 'preact_resnet18', 'preact_resnet18_w32': 
 
 
 def get_preset(name: str, epochs: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
-               methods: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """A copy of preset `name` with the command-line overrides applied.
+               methods: Optional[Sequence[str]] = None, models: Optional[Sequence[str]] = None,
+               datasets: Optional[Sequence[str]] = None, train_args: Sequence[str] = ()) -> Dict[str, Any]:
+    """A copy of preset `name` with the command-line overrides applied (`models` / `datasets` pick a subset of the
+    preset's; `train_args` are appended to every training command).
 
     Raises:
-        ValueError: unknown preset or method, epochs < 1.
+        ValueError: unknown preset, method, model or dataset; epochs < 1.
     """
     if name not in PRESETS:
         raise ValueError(f'unknown preset {name!r}; choose one of {", ".join(PRESETS)}')
@@ -119,6 +121,17 @@ def get_preset(name: str, epochs: Optional[int] = None, seeds: Optional[Sequence
     if unknown:
         raise ValueError(f'unknown method(s) {unknown}; choose from {", ".join(METHODS)}')
     preset['methods'] = tuple(sorted(preset['methods'], key=METHODS.index))
+    if models:
+        unknown = [m for m in models if m not in preset['models']]
+        if unknown:
+            raise ValueError(f'preset {name!r} has no model(s) {unknown}; it has {", ".join(preset["models"])}')
+        preset['models'] = tuple(m for m in preset['models'] if m in models)
+    if datasets:
+        unknown = [d for d in datasets if d not in preset['data']]
+        if unknown:
+            raise ValueError(f'preset {name!r} has no dataset(s) {unknown}; it has {", ".join(preset["data"])}')
+        preset['data'] = {k: v for k, v in preset['data'].items() if k in datasets}
+    preset['train_args'] = list(preset.get('train_args', ())) + list(train_args)
     return preset
 
 
@@ -263,16 +276,17 @@ def prepare_data(source: str, dataset: str, runs_dir: Path, dry_run: bool = Fals
         from timm_alps.data import BUNDLED_DATA_DIR
         return str(BUNDLED_DATA_DIR), 'wds/cifar10_subset', []
     src = Path(source)
-    if src.is_dir():
-        info = json.loads((src / '_info.json').read_text()) if (src / '_info.json').is_file() else {}
+    if (src / '_info.json').is_file():
+        info = json.loads((src / '_info.json').read_text())
         return str(src), f'wds/{info.get("name", dataset)}', []
-    if src.suffix != '.npz':
-        raise ValueError(f'data source {source!r} is neither a shard folder, an .npz, nor "bundled"')
+    if not src.is_dir() and src.suffix != '.npz':
+        raise ValueError(f'data source {source!r} is neither a shard folder, an .npz, a folder the converter reads '
+                         f'(torchvision CIFAR files, an image folder), nor "bundled"')
     digest = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:8]
     out = runs_dir / 'data' / f'{dataset}-{src.stem}-{digest}'
     cmd = [sys.executable, '-m', 'timm_alps.data', str(src), str(out), '--name', dataset]
     if not (out / '_info.json').is_file() and not dry_run:
-        if not src.is_file():
+        if not src.exists():
             raise FileNotFoundError(f'{dataset} data {str(src)!r} does not exist; pass --data PATH (an .npz with '
                                     f'x_train/y_train/x_test/y_test, or a shard folder from `python -m timm_alps.data`)')
         print(f'[reproduce] converting {src} -> {out}', flush=True)
@@ -349,11 +363,6 @@ def _save_meta(run: Run, meta: Dict[str, Any]) -> None:
     _write_json(run.meta_path, meta)
 
 
-def _comparable(cmd: Sequence[str]) -> List[str]:
-    # the interpreter and repository may move between machines (CPU box, GPU box); the recipe may not
-    return [Path(c).name if i < 2 else c for i, c in enumerate(cmd)]
-
-
 INVOCATION = ''  # the runner call, recorded with each training slice
 _CHILDREN: set = set()  # training processes in flight (they run in their own session: signals are forwarded)
 
@@ -387,8 +396,7 @@ def train(run: Run, cmd: List[str], preset: Dict[str, Any], deadline: Optional[f
     if status == 'finished':
         return status
     meta = _load_meta(run)
-    data_keys = ('--data-dir',)
-    if meta.get('command') and _strip(_comparable(meta['command']), data_keys) != _strip(_comparable(cmd), data_keys):
+    if meta.get('command') and _recipe(meta['command']) != _recipe(cmd):
         raise ValueError(f'{run.dir} was started with another command:\n  {shlex.join(meta["command"])}\nnow:\n  '
                          f'{shlex.join(cmd)}\nDelete that folder or pass another --runs-dir.')
     full = list(cmd)
@@ -432,16 +440,27 @@ def train(run: Run, cmd: List[str], preset: Dict[str, Any], deadline: Optional[f
     return run_status(run, preset)
 
 
-def _strip(cmd: Sequence[str], keys: Sequence[str]) -> List[str]:
-    out, skip = [], False
-    for c in cmd:
+# Flags that change where data lives or how fast training runs, not what is trained: a run may be resumed with
+# other values (e.g. started on one machine, continued on a GPU box with --torchcompile).
+_PLACE_FLAGS = {'--data-dir': 1, '--torchcompile': 1, '--loader': 1, '-j': 1, '--workers': 1, '--amp-dtype': 1,
+                '--channels-last': 0, '--amp': 0, '--no-progress': 0, '--log-interval': 1}
+
+
+def _recipe(cmd: Sequence[str]) -> List[str]:
+    out, skip = [], 0
+    for i, c in enumerate(cmd):
         if skip:
-            skip = False
+            skip -= 1
             continue
-        if c in keys:
-            skip = True
-            continue
-        out.append(c)
+        if i < 2:  # the interpreter and the script move between machines
+            out.append(Path(c).name)
+        elif c in _PLACE_FLAGS:
+            skip = _PLACE_FLAGS[c]
+            # `--torchcompile` takes an optional value
+            if c == '--torchcompile' and (i + 1 >= len(cmd) or cmd[i + 1].startswith('-')):
+                skip = 0
+        else:
+            out.append(c)
     return out
 
 
@@ -876,6 +895,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              'folder; DATASET= picks the dataset for presets with several')
     parser.add_argument('--seeds', default=None, help='comma separated seeds (default: the preset\'s)')
     parser.add_argument('--methods', default=None, help=f'comma separated subset of {",".join(METHODS)}')
+    parser.add_argument('--models', default=None, help='comma separated subset of the preset\'s models')
+    parser.add_argument('--datasets', default=None, help='comma separated subset of the preset\'s datasets')
+    parser.add_argument('--train-arg', action='append', default=[], metavar='FLAG',
+                        help='extra train_timm.py argument(s), e.g. --train-arg=--torchcompile (repeat for several)')
     parser.add_argument('--epochs', type=int, default=None, help='epoch budget override (milestones scale with it)')
     parser.add_argument('--sweep', default=None, metavar='NAME=V1,V2',
                         help='ALPS sweep instead of the comparison: eps=0.1,0.2,0.3,0.4 or beta=0.8,0.875,0.9 (modes '
@@ -903,7 +926,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.seeds = [int(s) for s in args.seeds.split(',')] if args.seeds else None
     except ValueError:
         parser.error(f'--seeds takes comma separated integers, got {args.seeds!r}')
-    args.methods = [m.strip() for m in args.methods.split(',')] if args.methods else None
+    for name in ('methods', 'models', 'datasets'):
+        value = getattr(args, name)
+        setattr(args, name, [m.strip() for m in value.split(',') if m.strip()] if value else None)
     return args
 
 
@@ -912,7 +937,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.time()
     deadline = t_start + 60 * args.time_budget if args.time_budget is not None else None
     try:
-        preset = get_preset(args.preset, args.epochs, args.seeds, args.methods)
+        preset = get_preset(args.preset, args.epochs, args.seeds, args.methods, args.models, args.datasets,
+                            [a for item in args.train_arg for a in shlex.split(item)])
         if args.sweep:
             parse_sweep(args.sweep)
         data = resolve_data(preset, args.data)

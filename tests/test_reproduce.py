@@ -166,3 +166,38 @@ def test_smoke_preset_end_to_end(tmp_path):
     before = [m.read_text() for m in metas]
     assert R.main(argv) == 0  # resumable: finished runs are neither retrained nor re-attacked
     assert [m.read_text() for m in metas] == before
+
+
+def test_paper_numbers_agree_with_the_robustness_benchmark():
+    robustness = pytest.importorskip('benchmarks.robustness')
+    names = dict(ERM='erm', Dropout='dropout', LS='ls', MixUp='mixup', ALPS='alps')
+    metrics = {'clean': 'clean', 'fgsm': 'white-box/fgsm', 'pgd': 'white-box/pgd', 'bb_fgsm': 'black-box/fgsm',
+               'bb_pgd': 'black-box/pgd'}
+    for dataset, table in robustness.PAPER_FIGURES.items():
+        for key, per_method in table.items():
+            for method, value in per_method.items():
+                assert paper_error(dataset, 'preact_resnet18', names[method], metrics[key])[0] == value
+
+
+def test_preset_subsets_and_extra_train_args(tmp_path):
+    preset = R.get_preset('paper', methods=['alps', 'erm'], models=['preact_resnet18'], datasets=['cifar10'],
+                          seeds=[0], train_args=['--torchcompile'])
+    runs = R.plan_runs(preset, tmp_path)
+    assert [(r.dataset, r.model, r.name) for r in runs] == [('cifar10', 'preact_resnet18', 'erm-s0'),
+                                                           ('cifar10', 'preact_resnet18', 'alps-s0')]
+    assert '--torchcompile' in R.train_command(runs[0], preset, '/d', 'wds/cifar10')
+    with pytest.raises(ValueError, match='no model'):
+        R.get_preset('cpu', models=['resnet50'])
+    with pytest.raises(ValueError, match='no dataset'):
+        R.get_preset('cpu', datasets=['cifar100'])
+
+
+def test_speed_flags_do_not_block_a_resume(tmp_path):
+    preset = R.get_preset('paper')
+    run = R.plan_runs(preset, tmp_path)[0]
+    base = R.train_command(run, preset, '/cpu/data', 'wds/cifar10')
+    fast = R.train_command(run, R.get_preset('paper', train_args=['--torchcompile', '--loader', 'timm']),
+                           '/gpu/data', 'wds/cifar10')
+    assert R._recipe(base) == R._recipe(fast)
+    other = R.train_command(run, R.get_preset('paper', epochs=100), '/cpu/data', 'wds/cifar10')
+    assert R._recipe(base) != R._recipe(other)
