@@ -361,6 +361,10 @@ def _read_shards(root: Path, split: str) -> Tuple[np.ndarray, np.ndarray, Option
     if len(labels) != info['splits'][split]['num_samples']:
         raise ValueError(f"{root} split {split!r}: read {len(labels)} samples, _info.json says "
                          f"{info['splits'][split]['num_samples']}")
+    shapes = {img.shape for img in images}
+    if len(shapes) > 1:
+        raise ValueError(f'{root} split {split!r} mixes image shapes {sorted(shapes)}; in-memory tensors need one '
+                         f'size and channel count (resize / convert the source first)')
     x = np.stack(images)
     return (x[..., None] if x.ndim == 3 else x), np.asarray(labels, np.int64), info.get('classes')
 
