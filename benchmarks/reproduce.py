@@ -611,7 +611,8 @@ METRIC_LABELS = {'clean': 'clean', 'white-box/fgsm': 'FGSM white', 'white-box/pg
 def collect(run: Run, preset: Dict[str, Any]) -> Dict[str, Any]:
     """Everything the table needs from one run's folder (missing pieces left out)."""
     rec: Dict[str, Any] = dict(group=run.group, dataset=run.dataset, model=run.model, method=run.method,
-                               tag=run.tag, seed=run.seed, status=run_status(run, preset), errors={})
+                               tag=run.tag, seed=run.seed, status=run_status(run, preset), errors={},
+                               alps=dict(run.alps))
     summary = _read_summary(run.dir / 'summary.csv')
     rec['epochs_done'] = len(summary)
     rec['curve'] = [(int(r['epoch']) + 1, 100.0 - float(r['eval_top1']), float(r['train_loss'])) for r in summary
@@ -664,12 +665,12 @@ def aggregate(records: Sequence[Dict[str, Any]], seeds: Sequence[int]) -> List[D
     for group, method, tag in keys:
         recs = [r for r in records if (r['group'], r['method'], r['tag']) == (group, method, tag)]
         r0 = recs[0]
-        row = dict(group=group, dataset=r0['dataset'], model=r0['model'], method=method, tag=tag,
+        row = dict(group=group, dataset=r0['dataset'], model=r0['model'], method=method, tag=tag, alps=r0['alps'],
                    seeds_planned=len(seeds), seeds_done=[r['seed'] for r in recs if r['status'] == 'finished'],
                    values={}, paper={})
         for metric in TABLE_METRICS:
             row['values'][metric] = [r['errors'][metric] for r in recs if metric in r['errors']]
-            if not tag:
+            if not tag:  # the main comparison; sweep tables drop these
                 row['paper'][metric] = paper_error(r0['dataset'], PAPER_MODEL.get(r0['model'], r0['model']), method,
                                                    metric)
         row['unbounded'] = [r['unbounded_accuracy'] for r in recs if 'unbounded_accuracy' in r]
@@ -710,8 +711,13 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [collect(r, preset) for r in runs]
     rows = aggregate(records, preset['seeds'])
-    rows.sort(key=lambda r: (r['group'], METHODS.index(r['method']), r['tag']))
+    rows.sort(key=lambda r: (r['group'], METHODS.index(r['method']), r.get('alps', {}).get('alps_eps', 0),
+                             tuple(r.get('alps', {}).get('alps_beta', ()))))
+    if sweep:
+        for row in rows:
+            row['paper'] = {}  # the paper gives no per-setting numbers
     stem = f'sweep-{parse_sweep(sweep)[0]}' if sweep else 'table'
+    runs_csv, commands_md = (f'{stem}-runs.csv', f'{stem}-commands.md') if sweep else ('runs.csv', 'commands.md')
 
     with open(out_dir / f'{stem}.csv', 'w', newline='') as f:
         w = csv.writer(f)
@@ -747,7 +753,11 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
             ['unbounded PGD acc.']
         md += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for row in grows:
-            cells = [METHOD_LABELS[row['method']] + (f' ({row["tag"]})' if row['tag'] else ''),
+            label = METHOD_LABELS[row['method']]
+            if sweep:
+                a, b = row['alps']['alps_beta']
+                label = f'eps {row["alps"]["alps_eps"]:g}, Beta({a:g}, {b:g})'
+            cells = [label,
                      f'{len(row["seeds_done"])}/{row["seeds_planned"]}']
             for metric in TABLE_METRICS:
                 cell = _fmt(row['values'][metric])
@@ -764,13 +774,14 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
     md += ['Unbounded PGD (eps = inf, step 0.01, '
            f'{ev["unbounded_steps"]} steps, first {ev["unbounded_samples"]} images): accuracy must fall to ~0%; '
            '"masking?" flags a model above 1%, whose white-box numbers would then flatter it.', '',
-           f'Figures: [curves.png](curves.png) (test error and train loss per epoch), [eps.png](eps.png) '
-           f'(white-box PGD-10 error against eps, step eps/4, first {ev["curve_samples"]} images). Per-run status, '
-           f'wall time and throughput: [runs.csv](runs.csv); exact commands: [commands.md](commands.md); software '
-           f'and machine: [environment.json](environment.json).', '']
+           (f'Figures: [curves.png](curves.png) (test error and train loss per epoch), [eps.png](eps.png) '
+            f'(white-box PGD-10 error against eps, step eps/4, first {ev["curve_samples"]} images). '
+            if not sweep else '') +
+           f'Per-run status, wall time and throughput: [{runs_csv}]({runs_csv}); exact commands: '
+           f'[{commands_md}]({commands_md}); software and machine: [environment.json](environment.json).', '']
     (out_dir / f'{stem}.md').write_text('\n'.join(md))
 
-    with open(out_dir / ('runs.csv' if not sweep else f'{stem}-runs.csv'), 'w', newline='') as f:
+    with open(out_dir / runs_csv, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['group', 'run', 'status', 'epochs_done', 'train_seconds', 'train_img_per_sec', 'eval_seconds',
                     'clean_error'])
@@ -790,7 +801,7 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
         if r['command']:
             cmds.append(shlex.join(r['command']))
     cmds += ['```', '', f'Data: {json.dumps(data)}', '']
-    (out_dir / 'commands.md').write_text('\n'.join(cmds))
+    (out_dir / commands_md).write_text('\n'.join(cmds))
     (out_dir / 'environment.json').write_text(json.dumps(environment(), indent=1) + '\n')
     return out_dir / f'{stem}.md'
 
@@ -965,7 +976,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(shlex.join(train_command(run, preset, ddir, dname)))
         ev = preset['eval']
         print(f'# then per run: attack suite on {ev["samples"]} test images (timm_alps.attacks: FGSM/PGD-10 '
-              f'white- and black-box from erm-s<seed>, APGD-CE x{ev["apgd_samples"]}, unbounded x'
+              f'white- and black-box from the ERM model of the next seed, APGD-CE x{ev["apgd_samples"]}, unbounded x'
               f'{ev["unbounded_samples"]}); results -> {results}')
         return 0
 
