@@ -455,7 +455,10 @@ def train_one_epoch(epoch, task, loader, optimizer, args, state, device, lr_sche
                     amp_autocast=nullcontext, loss_scaler=None, stop=None, skip_batches=0):
     """One pass over the loader; returns dict(loss, img_per_sec). `state` holds the global step and position."""
     task.train()
-    monitor = LossMonitor(device)
+    monitor = state['monitor'] = LossMonitor(device)
+    if skip_batches and state.get('resume_loss') is not None:  # the epoch's loss so far, before the interruption
+        monitor.loss_sum.fill_(state['resume_loss'][0])
+        monitor.sample_count.fill_(state['resume_loss'][1])
     updates_per_epoch = len(loader)
     check_every = 1 if device.type == 'cpu' else args.log_interval
     bar = _progress(loader, epoch, args.epochs, args.progress, skip_batches)
@@ -678,6 +681,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 mixup_fn.load_state_dict(mine['alps_mixup'])
             if mine.get('loader') is not None and hasattr(loader_train, 'load_state_dict'):
                 loader_train.load_state_dict(mine['loader'])
+            state['resume_loss'] = mine.get('epoch_loss')
         else:
             _logger.warning(f'--resume: no saved RNG state for rank {args.rank} (world size changed?); '
                             f'continuing with fresh random streams.')
@@ -712,9 +716,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if hasattr(loader_train, 'state_dict'):
             loader_state = loader_epoch_state.get('state') if state['batch_idx'] is not None else \
                 loader_train.state_dict()
+        monitor = state.get('monitor')
         mine = dict(rng=capture_rng_state(),
                     alps_mixup=mixup_fn.state_dict() if hasattr(mixup_fn, 'state_dict') else None,
-                    loader=loader_state)
+                    loader=loader_state,
+                    epoch_loss=None if state['batch_idx'] is None or monitor is None else
+                    (monitor.loss_sum.item(), monitor.sample_count.item()))
         gathered = [mine]
         if args.distributed:
             gathered = [None] * args.world_size
