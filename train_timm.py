@@ -32,7 +32,7 @@ from timm import utils
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler
 
 import timm_alps  # noqa: F401  (registers the CIFAR models with timm)
@@ -461,7 +461,7 @@ def train_one_epoch(epoch, task, loader, optimizer, args, state, device, lr_sche
         monitor.sample_count.fill_(state['resume_loss'][1])
     updates_per_epoch = len(loader)
     check_every = 1 if device.type == 'cpu' else args.log_interval
-    bar = _progress(loader, epoch, args.epochs, args.progress, skip_batches)
+    bar = _progress(loader, epoch, args.epochs, args.progress and state['rank0'], skip_batches)
     samples, t0 = 0, time.perf_counter()
     for batch_idx, (input, target) in enumerate(loader):
         if batch_idx < skip_batches:  # mid-epoch resume: same batches as before the interruption, not trained
@@ -499,25 +499,22 @@ def train_one_epoch(epoch, task, loader, optimizer, args, state, device, lr_sche
         last = batch_idx == updates_per_epoch - 1
         if (batch_idx + 1) % check_every == 0 or last:
             # One small read-back (and all-reduce under DDP) per check, never per step on accelerators.
-            flags = torch.tensor([stop.signum if stop else 0], device=device)
-            if args.distributed:
-                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            count, first = monitor.nonfinite_count(args.distributed)
+            signum, count, first = monitor.check(stop.signum if stop else 0, args.distributed)
             if count and args.on_nonfinite == 'stop':
-                raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, step {first} ({count} in the last '
-                                         f'{check_every} step(s))')
-            signum = int(flags.item())
+                raise NonFiniteLossError(f'non-finite loss at epoch {epoch}, step {first}')
             if signum and not last:
                 if saver is not None:
                     saver.save_recovery(epoch, batch_idx=batch_idx)
                 raise Interrupted(signum)
         if bar is not None:
             bar.update(1)
-            if batch_idx % args.log_interval == 0:
-                bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}')
-        elif state['rank0'] and batch_idx % args.log_interval == 0 and args.log_interval < updates_per_epoch:
-            _logger.info(f'Train: {epoch} [{batch_idx:>4d}/{updates_per_epoch}]  Loss: {loss.item():#.3g}  '
-                         f'LR: {optimizer.param_groups[0]["lr"]:.3e}')
+        if batch_idx % args.log_interval == 0 and (args.progress or args.log_interval < updates_per_epoch):
+            shown = utils.reduce_tensor(loss.detach(), args.world_size) if args.distributed else loss
+            if bar is not None:
+                bar.set_postfix(loss=f'{shown.item():.3f}', lr=f'{optimizer.param_groups[0]["lr"]:.3g}')
+            elif state['rank0']:
+                _logger.info(f'Train: {epoch} [{batch_idx:>4d}/{updates_per_epoch}]  Loss: {shown.item():#.3g}  '
+                             f'LR: {optimizer.param_groups[0]["lr"]:.3e}')
         if args.recovery_interval and saver is not None and (batch_idx + 1) % args.recovery_interval == 0 and not last:
             saver.save_recovery(epoch, batch_idx=batch_idx)
     if bar is not None:
@@ -582,6 +579,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (RuntimeError, AssertionError, ValueError) as e:
         raise TrainError(f'could not set up device {args.device!r}: {e}') from e
     rank0 = utils.is_primary(args)
+    if args.distributed:  # the log cadence drives a collective, so every rank must agree on it
+        flag = torch.tensor([int(args.progress)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        args.progress = bool(flag.item())
     if args.distributed:
         _logger.info(f'Process {args.rank}/{args.world_size} on {device} ({torch.distributed.get_backend()}).')
     if args.deterministic:
@@ -666,7 +667,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              f"(different --model, --model-kwargs, --num-classes or --opt?): {e}") from e
         if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
             loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
-        if checkpoint.get('scheduler') is not None and lr_scheduler is not None:
+        if checkpoint.get('scheduler') is not None and isinstance(lr_scheduler, PlateauLRScheduler):
+            # Only the plateau schedule has history; the others are functions of epoch/step, re-derived below from
+            # the current flags (so a resume may extend --epochs).
             lr_scheduler.load_state_dict(checkpoint['scheduler'])
         state['step'] = int(checkpoint.get('step', 0))
         if checkpoint.get('batch_idx') is not None:
@@ -692,10 +695,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.torchcompile:
         task.compile(backend=args.torchcompile)
     if args.distributed:
-        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
-                                 broadcast_buffers=not args.no_ddp_bb)
-    if lr_scheduler is not None and start_epoch > 0 and checkpoint is not None and checkpoint.get('scheduler') is None:
-        lr_scheduler.step(start_epoch)
+        ddp_kwargs = dict(broadcast_buffers=False) if args.no_ddp_bb else {}
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
+    if lr_scheduler is not None and checkpoint is not None:
+        lr_scheduler.step(start_epoch)  # as timm's train.py
+        if args.sched_on_updates:
+            lr_scheduler.step_update(num_updates=state['step'])
 
     # output folder, checkpoint saver (rank 0 only)
     saver, error = None, None
@@ -792,8 +797,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"{time.perf_counter() - t_epoch:.1f}s ({train_metrics['img_per_sec']:.0f} img/s)"
                     + ('  *best' if is_best else ''))
                 plot_curves(os.path.join(output_dir, 'summary.csv'), os.path.join(output_dir, 'curves.png'))
-            if stop.signum:
-                raise Interrupted(stop.signum)
+            signum = stop.signum
+            if args.distributed:  # all ranks must leave together, or the others hang in the next collective
+                flag = torch.tensor([signum], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                signum = int(flag.item())
+            if signum:
+                raise Interrupted(signum)
     except NonFiniteLossError as e:
         kept = last_path or (resume_path or 'none (no epoch finished)')
         raise TrainError(f'{e}. Stopped without saving the diverged weights; last good checkpoint: {kept}. Lower '

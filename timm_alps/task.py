@@ -222,7 +222,7 @@ class ALPSTask(ClassificationTask):
 class LossMonitor:
     """Running training loss and count of non-finite losses, accumulated on the loss's device.
 
-    `update` only queues device ops (no host sync per step); `nonfinite_count` and `summary` read back, so call
+    `update` only queues device ops (no host sync per step); `check` and `summary` read back, so call
     them at log intervals / epoch end. Non-finite losses are left out of the mean.
 
     Args:
@@ -250,18 +250,24 @@ class LossMonitor:
         first = (~finite) & (self.first_nonfinite_step < 0)
         self.first_nonfinite_step = torch.where(first, step, self.first_nonfinite_step)
 
-    def nonfinite_count(self, distributed: bool = False) -> Tuple[int, int]:
-        """(number of non-finite losses so far, first step with one or -1), summed over ranks if distributed."""
-        flags = torch.stack([self.nonfinite, torch.where(self.first_nonfinite_step < 0, 2 ** 62,
-                                                         self.first_nonfinite_step)])
+    def check(self, signal: int = 0, distributed: bool = False) -> Tuple[int, int, int]:
+        """One read-back (and one small all-reduce under DDP) of the state every rank must agree on.
+
+        Args:
+            signal: a stop-signal number seen by this process (0 if none), shared so all ranks stop together.
+            distributed: combine over the default process group.
+
+        Returns:
+            (largest signal number, non-finite losses so far (largest count over ranks), first global step with a
+            non-finite loss or -1).
+        """
+        none = 2 ** 62
+        first = torch.where(self.first_nonfinite_step < 0, none, self.first_nonfinite_step)
+        flags = torch.stack([torch.full_like(self.nonfinite, signal), self.nonfinite, -first])
         if distributed:
-            count = flags[:1].clone()
-            first = flags[1:].clone()
-            torch.distributed.all_reduce(count)
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-            flags = torch.cat([count, first])
-        count, first = flags.tolist()
-        return int(count), (-1 if first == 2 ** 62 else int(first))
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        sig, count, neg_first = flags.tolist()
+        return int(sig), int(count), (-1 if -neg_first == none else int(-neg_first))
 
     def summary(self, distributed: bool = False) -> float:
         """Mean finite loss per sample (over all ranks if distributed); NaN when there was none."""
