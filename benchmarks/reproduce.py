@@ -27,6 +27,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,14 +224,16 @@ def group_dir(runs_dir: Path, preset: Dict[str, Any], dataset: str, model: str) 
 
 
 def plan_runs(preset: Dict[str, Any], runs_dir: Path, sweep: Optional[str] = None) -> List[Run]:
-    """Runs in launch order: seed by seed (`LAUNCH_ORDER` within a seed, ERM first), so seed 0 of every method
-    finishes before seed 1 starts."""
+    """Runs in launch order: the ERM models of the first two seeds (the black-box sources of seeds 0 and 1), then
+    seed by seed in `LAUNCH_ORDER`, so seed 0 of every method finishes, with its black-box numbers, before the rest
+    of seed 1 starts."""
     runs = []
     default_alps = dict(alps_eps=preset['alps_eps'], alps_beta=tuple(preset['alps_beta']))
     sweep_values = parse_sweep(sweep)[1] if sweep else None
     for dataset in preset['data']:
         for model in preset['models']:
             gdir = group_dir(runs_dir, preset, dataset, model)
+            first = len(runs)
             for seed in preset['seeds']:
                 if sweep_values is None:
                     for method in sorted(preset['methods'], key=LAUNCH_ORDER.index):
@@ -242,6 +245,10 @@ def plan_runs(preset: Dict[str, Any], runs_dir: Path, sweep: Optional[str] = Non
                     # the preset's own setting is the main ALPS run: train it once
                     tag = '' if alps == default_alps else tag
                     runs.append(Run(dataset, model, 'alps', seed, tag=tag, alps=alps, group_dir=gdir))
+            if sweep_values is None and 'erm' in preset['methods'] and len(preset['seeds']) > 1:
+                group = runs[first:]
+                erm = [r for r in group if r.method == 'erm' and r.seed in preset['seeds'][:2]]
+                runs[first:] = erm + [r for r in group if r not in erm]
     return runs
 
 
@@ -328,6 +335,11 @@ def _read_summary(path: Path) -> List[Dict[str, str]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+# torch's `safe_globals` context manager (used by the checkpoint loaders) empties the allowlist for a moment on exit,
+# so a load in another thread can fail then: the runner's threads load one at a time.
+_LOAD_LOCK = threading.Lock()
+
+
 def checkpoint_epoch(run_dir: Path) -> Optional[int]:
     """Completed epochs of `last.pth.tar` (None when absent or unreadable); mid-epoch checkpoints count as not done."""
     path = run_dir / 'last.pth.tar'
@@ -335,8 +347,10 @@ def checkpoint_epoch(run_dir: Path) -> Optional[int]:
         return None
     from timm_alps.checkpoint import CheckpointError, load_training_checkpoint
     try:
-        ckpt = load_training_checkpoint(str(path), mmap=True)
-    except CheckpointError:
+        with _LOAD_LOCK:
+            ckpt = load_training_checkpoint(str(path), mmap=True)
+    except CheckpointError as e:
+        print(f'[reproduce] {path} is not usable ({e}); the run counts as interrupted', flush=True)
         return None
     if ckpt.get('batch_idx') is not None:
         return int(ckpt['epoch'])
@@ -409,6 +423,10 @@ def train(run: Run, cmd: List[str], preset: Dict[str, Any], deadline: Optional[f
     run.group_dir.mkdir(parents=True, exist_ok=True)
     log(f'[reproduce] {"resume" if status == "partial" else "train"} {run.group}/{run.name}')
     t0, start = time.time(), time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+    slice_ = dict(start=start, seconds=None, rc=None, resumed=status == 'partial', host=platform.node(),
+                  machine=_machine_line(), threads=threads, invocation=INVOCATION)
+    meta['slices'].append(slice_)
+    _save_meta(run, meta)  # the command is on record even if this process is killed
     with open(run.log_path, 'a') as out:
         out.write(f'\n$ {shlex.join(full)}\n')
         out.flush()
@@ -429,9 +447,7 @@ def train(run: Run, cmd: List[str], preset: Dict[str, Any], deadline: Optional[f
                         interrupted = True
         finally:
             _CHILDREN.discard(proc)
-    meta['slices'].append(dict(start=start, seconds=round(time.time() - t0, 1), rc=rc,
-                               resumed=status == 'partial', host=platform.node(), machine=_machine_line(),
-                               threads=threads, invocation=INVOCATION))
+    slice_.update(seconds=round(time.time() - t0, 1), rc=rc)
     _save_meta(run, meta)
     if rc not in (0, 128 + signal.SIGINT):
         tail = run.log_path.read_text().splitlines()[-15:]
@@ -529,7 +545,8 @@ def craft_transfer(source: Run, data_source: str, ev: Dict[str, Any], log: Any =
         return path
     device = _device()
     log(f'[reproduce] crafting black-box examples on {source.group}/{source.name}')
-    model = load_checkpoint_model(source.dir / 'last.pth.tar', device)
+    with _LOAD_LOCK:
+        model = load_checkpoint_model(source.dir / 'last.pth.tar', device)
     x, y = eval_subset(data_source, ev['samples'])
     adv = {k: _attack_all(a, model, x, y, ev['batch_size'], device) for k, a in _attacks().items()}
     tmp = path.with_suffix('.part')
@@ -561,7 +578,8 @@ def evaluate(run: Run, data_source: str, ev: Dict[str, Any], transfer: Optional[
     if 'errors' in result and not need_black:
         return result
     device = _device()
-    model = A.load_checkpoint_model(ckpt, device)
+    with _LOAD_LOCK:
+        model = A.load_checkpoint_model(ckpt, device)
     bs = ev['batch_size']
     t0 = time.time()
     if 'errors' not in result:
@@ -593,7 +611,8 @@ def evaluate(run: Run, data_source: str, ev: Dict[str, Any], transfer: Optional[
         _write_json(path, result)
     if need_black:
         t1 = time.time()
-        cached = torch.load(transfer, weights_only=True)
+        with _LOAD_LOCK:
+            cached = torch.load(transfer, weights_only=True)
         black = {f'black-box/{name}': _error(model, adv, cached['labels'], bs, device)
                  for name, adv in cached['adv'].items()}
         result['black'][transfer.name] = dict(black, source=cached['source'])
@@ -620,7 +639,7 @@ def collect(run: Run, preset: Dict[str, Any]) -> Dict[str, Any]:
     if rec['status'] == 'finished' and rec['curve']:
         rec['errors']['clean'] = rec['curve'][-1][1]  # train_timm.py's last eval; replaced by eval.json's
     meta = _load_meta(run)
-    rec['train_seconds'] = sum(s['seconds'] for s in meta.get('slices', []))
+    rec['train_seconds'] = sum(s['seconds'] or 0 for s in meta.get('slices', []))
     rec['command'] = meta.get('command')
     rec['machines'] = [sl.get('machine') or (_machine_line() if sl.get('host') == platform.node() else sl.get('host'))
                        for sl in meta.get('slices', [])]
@@ -986,8 +1005,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     failures = 0
     if not args.report_only:
+        stopping = []
+
         def launch(run: Run) -> str:
             ddir, dname, _ = prepared[run.dataset]
+            if stopping:
+                return 'skipped'
             if deadline is not None and time.time() > deadline and run_status(run, preset) != 'finished':
                 log(f'[reproduce] time budget spent: not launching {run.group}/{run.name}')
                 return 'skipped'
@@ -998,7 +1021,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(signal.SIGTERM, _stop_children)
         signal.signal(signal.SIGINT, _stop_children)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(launch, run) for run in runs]  # workers take them in launch order
+            # interrupted runs first (finish what was started), then the plan's order
+            partial = [run for run in runs if run_status(run, preset) == 'partial']
+            queue = partial + [run for run in runs if run not in partial]
+            futures = [pool.submit(launch, run) for run in queue]  # workers take them in this order
             try:
                 for fut in as_completed(futures):
                     status = fut.result()
@@ -1008,10 +1034,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         # this run, and any earlier one whose black-box source has just become available
                         evaluate_finished(runs, preset, data, prepared, log)
             except ValueError as e:
-                for f in futures:
-                    f.cancel()
+                stopping.append(True)
                 print(f'reproduce: error: {e}', file=sys.stderr)
                 return 2
+            except KeyboardInterrupt:
+                # the children got SIGINT (they checkpoint); launch nothing more, then write what exists
+                stopping.append(True)
+                log('[reproduce] interrupted: waiting for the runs in progress to checkpoint')
+                failures += 1
     path = write_results(preset, runs, results, invocation, data, args.sweep)
     log(f'[reproduce] {path} written ({time.time() - t_start:.0f}s)')
     return 1 if failures and deadline is None else 0

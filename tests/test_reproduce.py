@@ -51,8 +51,8 @@ def test_plan_runs_order_and_sweep(tmp_path):
     preset = R.get_preset('cpu', seeds=[0, 1])
     runs = R.plan_runs(preset, tmp_path)
     names = [r.name for r in runs]
-    # seed 0 of every method first, ERM first (it is a black-box source)
-    assert names[:5] == ['erm-s0', 'mixup-s0', 'alps-s0', 'ls-s0', 'dropout-s0']
+    # the two ERM models (black-box sources of seeds 0 and 1) first, then the rest of seed 0
+    assert names[:6] == ['erm-s0', 'erm-s1', 'mixup-s0', 'alps-s0', 'ls-s0', 'dropout-s0']
     assert len(names) == 10 and len(set(names)) == 10
     sweep = R.plan_runs(R.get_preset('cpu', seeds=[0]), tmp_path, 'eps=0.1,0.3')
     # the preset's own eps is the main ALPS run, not a second copy of it
@@ -80,8 +80,7 @@ def test_resolve_data(tmp_path):
 
 def test_train_command_has_the_recipe(tmp_path):
     preset = R.get_preset('paper')
-    run = R.plan_runs(preset, tmp_path)[2]
-    assert run.method == 'alps'
+    run = next(r for r in R.plan_runs(preset, tmp_path) if r.name == 'alps-s0')
     cmd = R.train_command(run, preset, '/data', 'wds/cifar10')
     text = ' '.join(cmd)
     for piece in ('--epochs 200', '-b 128', '--lr 0.1', '--weight-decay 1e-4', '--sched multistep',
