@@ -22,9 +22,24 @@ def test_paper_numbers_tables():
 
 
 def test_milestones_scale_with_epochs():
-    assert R.milestones(R.get_preset('paper')) == [100, 150]
-    assert R.milestones(R.get_preset('cpu', epochs=6)) == [3, 5]
+    # the paper: LR /10 once 100 and 150 epochs are done; timm applies milestone m from 1-based epoch m
+    assert R.milestones(R.get_preset('paper')) == [101, 151]
+    assert R.milestones(R.get_preset('paper', epochs=20)) == [11, 16]
+    assert R.milestones(R.get_preset('cpu', epochs=6)) == [3, 5]  # two epochs per LR
     assert R.milestones(R.get_preset('cpu', epochs=1)) == [1]
+
+
+def test_milestones_mean_what_timm_does():
+    import timm.scheduler
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = timm.scheduler.MultiStepLRScheduler(opt, decay_t=R.milestones(R.get_preset('paper', epochs=20)),
+                                                decay_rate=0.1)
+    lrs = [opt.param_groups[0]['lr']]
+    for epoch in range(1, 20):
+        sched.step(epoch)
+        lrs.append(opt.param_groups[0]['lr'])
+    # 10 epochs at 0.1, 5 at 0.01, 5 at 0.001: the paper's 100/50/50 split at 1/10 scale
+    assert [round(lr, 6) for lr in lrs] == [0.1] * 10 + [0.01] * 5 + [0.001] * 5
 
 
 def test_get_preset_rejects_bad_input():
@@ -84,7 +99,7 @@ def test_train_command_has_the_recipe(tmp_path):
     cmd = R.train_command(run, preset, '/data', 'wds/cifar10')
     text = ' '.join(cmd)
     for piece in ('--epochs 200', '-b 128', '--lr 0.1', '--weight-decay 1e-4', '--sched multistep',
-                  '--decay-milestones 100 150', '--alps-eps 0.3', '--alps-beta 8 2', '--amp-dtype bfloat16',
+                  '--decay-milestones 101 151', '--alps-eps 0.3', '--alps-beta 8 2', '--amp-dtype bfloat16',
                   '--experiment alps-s0', '--seed 0'):
         assert piece in text
     assert '--resume' not in cmd
