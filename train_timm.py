@@ -237,7 +237,13 @@ def resolve_dataset_args(args) -> None:
         args.data_dir, args.dataset = str(alps_data.BUNDLED_DATA_DIR), 'wds/cifar10_subset'
     args.dataset = args.dataset or ''
     if args.val_split is None:
-        args.val_split = 'test' if args.dataset.startswith(('torch/', 'wds/cifar')) else 'validation'
+        args.val_split = 'test' if args.dataset.startswith('torch/') else 'validation'
+        info_path = os.path.join(args.data_dir or '', '_info.json')
+        if args.dataset.startswith('wds/') and os.path.isfile(info_path):
+            import json
+            with open(info_path) as f:
+                splits = json.load(f).get('splits', {})
+            args.val_split = next((s for s in ('validation', 'val', 'test') if s in splits), args.val_split)
     needs_dir = not (args.dataset.startswith('torch/') and args.dataset_download)
     if needs_dir and (not args.data_dir or not os.path.exists(args.data_dir)):
         raise TrainError(
@@ -396,8 +402,8 @@ def prepare_output_dir(output_dir: str, args, need_bytes: int) -> None:
         raise TrainError(str(e)) from None
 
 
-def plot_curves(summary_csv: str, png_path: str) -> None:
-    """Loss and accuracy per epoch from summary.csv (train loss, eval loss, eval top-1)."""
+def plot_curves(summary_csv: str, png_path: str, method: str = '', num_classes: int = 0) -> None:
+    """Loss and accuracy per epoch from summary.csv (train loss, eval loss, eval top-1; chance level dashed)."""
     import csv
     import matplotlib
     matplotlib.use('Agg')
@@ -408,10 +414,12 @@ def plot_curves(summary_csv: str, png_path: str) -> None:
         return
     ep = [int(r['epoch']) + 1 for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(ep, [float(r['train_loss']) for r in rows], 'o-', label='train (on perturbed batches)')
+    ax1.plot(ep, [float(r['train_loss']) for r in rows], 'o-', label=f'train ({method} targets)' if method else 'train')
     ax1.plot(ep, [float(r['eval_loss']) for r in rows], 'o-', label='eval')
     ax1.set(xlabel='epoch', ylabel='cross-entropy', title='loss')
     ax2.plot(ep, [float(r['eval_top1']) for r in rows], 'o-', color='C2', label='eval top-1')
+    if num_classes:
+        ax2.axhline(100.0 / num_classes, color='gray', ls='--', lw=1, label=f'chance ({100.0 / num_classes:.3g}%)')
     ax2.set(xlabel='epoch', ylabel='accuracy (%)', title='eval accuracy', ylim=(0, 100))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
@@ -622,6 +630,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.to(device=device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.sync_bn and device.type == 'cpu':
+        raise TrainError('--sync-bn needs GPUs (torch.nn.SyncBatchNorm has no CPU kernel); on CPU BatchNorm '
+                         'statistics are averaged after each epoch (--dist-bn reduce)')
     if args.distributed and args.sync_bn:
         args.dist_bn = ''
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -796,7 +807,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"eval_loss {eval_metrics['loss']:.4f}  eval_top1 {eval_metrics['top1']:.2f}%  lr {lr:.3g}  "
                     f"{time.perf_counter() - t_epoch:.1f}s ({train_metrics['img_per_sec']:.0f} img/s)"
                     + ('  *best' if is_best else ''))
-                plot_curves(os.path.join(output_dir, 'summary.csv'), os.path.join(output_dir, 'curves.png'))
+                try:
+                    plot_curves(os.path.join(output_dir, 'summary.csv'), os.path.join(output_dir, 'curves.png'),
+                                args.method, args.num_classes)
+                except Exception as e:  # a figure is not worth stopping a long run for
+                    _logger.warning(f'could not draw curves.png: {e}')
             signum = stop.signum
             if args.distributed:  # all ranks must leave together, or the others hang in the next collective
                 flag = torch.tensor([signum], device=device)
@@ -813,7 +828,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _logger.warning(f'{e} received: checkpoint saved in {output_dir}; continue with --resume auto '
                             f'--experiment {os.path.basename(output_dir)}' + (f' --output {args.output}' if args.output else ''))
         return 128 + e.signum
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:
         raise TrainError(f'{e} Stopping; the last complete checkpoint is still in {output_dir}.') from None
     finally:
         stop.restore()

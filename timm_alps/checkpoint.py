@@ -134,6 +134,18 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 state.setdefault(k, v)
         return state
 
+    def save_checkpoint(self, epoch, metric=None):
+        """As timm's, then drop mid-epoch recovery files: the new ``last`` supersedes them."""
+        result = super().save_checkpoint(epoch, metric)
+        for path in glob.glob(os.path.join(self.recovery_dir or self.checkpoint_dir,
+                                           self.recovery_prefix + '-*' + self.extension)):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self.curr_recovery_file = self.prev_recovery_file = ''
+        return result
+
     def _save(self, save_path, epoch, metric=None):
         atomic_torch_save(self.checkpoint_state(epoch, metric), save_path)
 
