@@ -1,16 +1,20 @@
 """ Reproduce the ALPS paper's Tables 2, 3, 5 and 6: one resumable runner for training, attacks and the table
 
     python -m benchmarks.reproduce --preset smoke             # every method, bundled subset, 1 epoch (minutes, CPU)
-    python -m benchmarks.reproduce --preset cpu --time-budget 150
+    python -m benchmarks.reproduce --preset cpu --jobs 2 --threads 1 --time-budget 150
     python -m benchmarks.reproduce --preset paper --dry-run   # print the exact train / eval commands
+    python -m benchmarks.reproduce --preset paper --datasets cifar10 --models preact_resnet18 \
+        --methods erm,mixup,alps --time-budget 8 --stop-at-budget   # GPU, one 10-minute slice after another
     python -m benchmarks.reproduce --preset cpu --sweep eps=0.1,0.2,0.3,0.4 --seeds 0
 
 Each (dataset, model, method, seed) is one `train_timm.py` run with the preset's recipe, in
 `<runs-dir>/<preset>/<dataset>-<model>-e<epochs>/<method>-s<seed>/`. A run whose final checkpoint and summary
 exist is skipped; an interrupted one is continued with `--resume auto`. After training, each model is attacked
 (`timm_alps.attacks`): clean, FGSM 4/255 and PGD-10 (step 1/255, radius 4/255) white-box, the same crafted on the
-ERM model of the same seed (black-box), APGD-CE, the unbounded-PGD gradient-masking check, and PGD error against
-eps for the plot. Results are cached per run (`eval.json`), so evaluation resumes too.
+ERM model of the next seed (black-box, so ERM's own row is a transfer too), APGD-CE, the unbounded-PGD
+gradient-masking check, and PGD error against eps for the plot. Results are cached per run (`eval.json`), so
+evaluation resumes too. `--time-budget` stops launching runs (and with `--stop-at-budget` interrupts the ones in
+progress, which checkpoint and resume on the next call).
 
 `<results-dir>/<preset>/` gets `table.md` / `table.csv` (mean +- std over seeds beside the paper's numbers, missing
 runs marked), `curves.png` (test error and train loss per epoch), `eps.png` (white-box PGD error against eps),
@@ -54,8 +58,8 @@ UNBOUNDED_STEP = 0.01
 # -- presets ---------------------------------------------------------------------------------------------------------
 # `data`: dataset -> default source (an .npz or a shard folder; 'bundled' = the subset shipped with timm_alps).
 # `milestones`: fractions of `epochs` completed when the LR is divided by 10 (the paper: after 100 and 150 of 200).
-# `eval`: attack-suite sizes: `samples` test images for clean/FGSM/PGD (white- and black-box); APGD-CE, the unbounded
-# check and the eps curve use the first `*_samples` of those.
+# `eval`: attack-suite sizes: clean error on `clean_samples` test images (a fixed permutation), FGSM/PGD (white- and
+# black-box) on the first `samples` of them; APGD-CE, the unbounded check and the eps curve on the first `*_samples`.
 PRESETS: Dict[str, Dict[str, Any]] = {
     'smoke': dict(
         description='every method on a few hundred bundled images for 1 epoch: the pipeline end to end',
@@ -91,8 +95,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         alps_eps=0.3, alps_beta=(8.0, 2.0),
         max_train_samples=None, max_eval_samples=None,
         train_args=['--channels-last', '--amp', '--amp-dtype', 'bfloat16', '--loader', 'fast'],
-        eval=dict(clean_samples=10000, samples=10000, batch_size=1000, apgd_samples=1000, apgd_steps=100, unbounded_samples=500,
-                  unbounded_steps=200, curve_samples=2000, curve_eps=(1, 2, 4, 8)),
+        eval=dict(clean_samples=10000, samples=10000, batch_size=1000, apgd_samples=1000, apgd_steps=100,
+                  unbounded_samples=500, unbounded_steps=200, curve_samples=2000, curve_eps=(1, 2, 4, 8)),
     ),
 }
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
