@@ -152,7 +152,7 @@ def milestones(preset: Dict[str, Any]) -> List[int]:
     return sorted({min(max(1, math.floor(f * e + 0.5)) + 1, e) for f in preset['milestones']})
 
 
-# -- sweeps -------------------------------------------------------------------------------------------------------------
+# -- sweeps ------------------------------------------------------------------------------------------------------------
 def parse_sweep(spec: str) -> Tuple[str, List[Tuple[str, Dict[str, Any]]]]:
     """`eps=0.1,0.2` or `beta=0.8,0.875` (modes of Beta(a, 2)) or `beta=8:2,4:1.5` (a:b pairs).
 
@@ -194,7 +194,7 @@ def parse_sweep(spec: str) -> Tuple[str, List[Tuple[str, Dict[str, Any]]]]:
     return name, out
 
 
-# -- runs ---------------------------------------------------------------------------------------------------------------
+# -- runs --------------------------------------------------------------------------------------------------------------
 @dataclass
 class Run:
     """One training run and where it lives."""
@@ -303,8 +303,9 @@ def prepare_data(source: str, dataset: str, runs_dir: Path, dry_run: bool = Fals
     cmd = [sys.executable, '-m', 'timm_alps.data', str(src), str(out), '--name', dataset]
     if not (out / '_info.json').is_file() and not dry_run:
         if not src.exists():
-            raise FileNotFoundError(f'{dataset} data {str(src)!r} does not exist; pass --data PATH (an .npz with '
-                                    f'x_train/y_train/x_test/y_test, or a shard folder from `python -m timm_alps.data`)')
+            raise FileNotFoundError(
+                f'{dataset} data {str(src)!r} does not exist; pass --data PATH (an .npz with x_train/y_train/x_test/'
+                f'y_test, or a shard folder from `python -m timm_alps.data`)')
         print(f'[reproduce] converting {src} -> {out}', flush=True)
         subprocess.run(cmd, check=True, cwd=REPO)
     return str(out), f'wds/{dataset}', cmd
@@ -489,7 +490,7 @@ def _recipe(cmd: Sequence[str]) -> List[str]:
     return out
 
 
-# -- evaluation ---------------------------------------------------------------------------------------------------------
+# -- evaluation --------------------------------------------------------------------------------------------------------
 def _device():
     import torch
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -630,7 +631,7 @@ def evaluate(run: Run, data_source: str, ev: Dict[str, Any], transfer: Optional[
     return result
 
 
-# -- results ------------------------------------------------------------------------------------------------------------
+# -- results -----------------------------------------------------------------------------------------------------------
 TABLE_METRICS = ('clean', 'white-box/fgsm', 'white-box/pgd', 'black-box/fgsm', 'black-box/pgd', 'white-box/apgd-ce')
 METRIC_LABELS = {'clean': 'clean', 'white-box/fgsm': 'FGSM white', 'white-box/pgd': 'PGD-10 white',
                  'black-box/fgsm': 'FGSM black', 'black-box/pgd': 'PGD-10 black', 'white-box/apgd-ce': 'APGD-CE white'}
@@ -824,7 +825,8 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
     invocations = list(dict.fromkeys(
         sl['invocation'] for run in runs for sl in _load_meta(run).get('slices', []) if sl.get('invocation')))
     cmds = [f'# Commands of preset `{preset["name"]}`', '', 'Runner calls that trained and attacked these runs, then '
-            'the one that wrote this folder:', '', '```bash', *invocations, invocation, '```', '', 'Training runs (the runner adds `--resume auto` to continue an interrupted run; '
+            'the one that wrote this folder:', '', '```bash', *invocations, invocation, '```', '',
+            'Training runs (the runner adds `--resume auto` to continue an interrupted run; '
             'paths are those of the machine that ran them):', '', '```bash']
     for r, run in zip(records, runs):
         if r['command']:
@@ -925,7 +927,7 @@ def _cpu_name() -> Optional[str]:
     return platform.processor() or None
 
 
-# -- main ---------------------------------------------------------------------------------------------------------------
+# -- main --------------------------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='python -m benchmarks.reproduce', description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -993,8 +995,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = Path(args.results_dir) / preset['name']
 
     prepared = {}
-    for dataset, source in data.items():
-        prepared[dataset] = prepare_data(source, dataset, runs_dir, dry_run=args.dry_run or args.report_only)
+    try:
+        for dataset, source in data.items():
+            prepared[dataset] = prepare_data(source, dataset, runs_dir, dry_run=args.dry_run or args.report_only)
+    except (FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
+        print(f'reproduce: error: {e}', file=sys.stderr)
+        return 2
     if args.dry_run:
         for dataset, (_, _, conv) in prepared.items():
             if conv:

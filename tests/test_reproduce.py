@@ -215,3 +215,8 @@ def test_speed_flags_do_not_block_a_resume(tmp_path):
     assert R._recipe(base) == R._recipe(fast)
     other = R.train_command(run, R.get_preset('paper', epochs=100), '/cpu/data', 'wds/cifar10')
     assert R._recipe(base) != R._recipe(other)
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    assert R.main(['--preset', 'cpu', '--data', str(tmp_path / 'nope.npz'), '--runs-dir', str(tmp_path)]) == 2
+    assert 'does not exist' in capsys.readouterr().err
