@@ -46,7 +46,12 @@ _logger = logging.getLogger('train')
 
 
 class TrainError(Exception):
-    """A problem with the user's input or environment, reported as one clear line (exit status 2)."""
+    """A problem reported as one clear line: bad input or environment (exit status 2), or a run that had to
+    stop (non-finite loss, failed write: exit status 1)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class NonFiniteLossError(RuntimeError):
@@ -334,7 +339,7 @@ def _decode(dataset):
     images, labels = [], []
     for img, target in dataset:
         if hasattr(img, 'convert'):
-            img = torch.from_numpy(np.asarray(img.convert('RGB'))).permute(2, 0, 1)
+            img = torch.from_numpy(np.array(img.convert('RGB'))).permute(2, 0, 1)
         if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8:
             raise TrainError('the fast loader needs datasets of PIL images or uint8 tensors; use --loader timm')
         images.append(img)
@@ -594,6 +599,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.distributed:
         _logger.info(f'Process {args.rank}/{args.world_size} on {device} ({torch.distributed.get_backend()}).')
     if args.deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # required by deterministic cuBLAS
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     elif device.type == 'cuda':
@@ -822,14 +828,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteLossError as e:
         kept = last_path or (resume_path or 'none (no epoch finished)')
         raise TrainError(f'{e}. Stopped without saving the diverged weights; last good checkpoint: {kept}. Lower '
-                         f'--lr, add --clip-grad, or pass --on-nonfinite skip.') from None
+                         f'--lr, add --clip-grad, or pass --on-nonfinite skip.', exit_code=1) from None
     except Interrupted as e:
         if rank0:
             _logger.warning(f'{e} received: checkpoint saved in {output_dir}; continue with --resume auto '
                             f'--experiment {os.path.basename(output_dir)}' + (f' --output {args.output}' if args.output else ''))
         return 128 + e.signum
     except (CheckpointError, OSError) as e:
-        raise TrainError(f'{e} Stopping; the last complete checkpoint is still in {output_dir}.') from None
+        raise TrainError(f'{e} Stopping; the last complete checkpoint is still in {output_dir}.',
+                         exit_code=1) from None
     finally:
         stop.restore()
         if log_file is not None:
@@ -863,7 +870,7 @@ def _cli() -> int:
     except TrainError as e:
         logging.getLogger('train').error(f'error: {e}')
         print(f'train_timm.py: error: {e}', file=sys.stderr)
-        return 2
+        return e.exit_code
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -103,6 +103,19 @@ def test_corrupt_checkpoint_reported_and_auto_falls_back(tmp_path):
     assert [os.path.basename(p) for p, _ in skipped] == ['last.pth.tar']
 
 
+def test_stale_temporary_files_are_ignored_and_removed(tmp_path):
+    model, opt = _state()
+    saver = AtomicCheckpointSaver(model=model, optimizer=opt, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(0, metric=1.0)
+    # what a kill -9 during a write leaves behind: a hidden partial file, and a finished one not yet renamed
+    (tmp_path / '.last.pth.tar.abc123.part').write_bytes(b'PK\x03\x04 partial')
+    (tmp_path / 'tmp.pth.tar').write_bytes(b'half')
+    path, skipped = find_resume_checkpoint(str(tmp_path))
+    assert os.path.basename(path) == 'last.pth.tar' and not skipped
+    AtomicCheckpointSaver(model=model, optimizer=opt, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+
+
 def test_missing_and_non_training_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match='no checkpoint at'):
         load_training_checkpoint(str(tmp_path / 'nope.pth.tar'))

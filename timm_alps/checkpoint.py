@@ -105,6 +105,17 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def __init__(self, *args, extra_state_fn: Optional[Callable[[], Dict[str, Any]]] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.extra_state_fn = extra_state_fn
+        # Temporary files of writes that a kill interrupted: never valid, never read, safe to drop.
+        for folder in {self.checkpoint_dir, self.recovery_dir}:
+            folder = folder or '.'
+            stale = glob.glob(os.path.join(folder, '.*' + CHECKPOINT_EXT + '.*.part')) + \
+                glob.glob(os.path.join(folder, '*' + CHECKPOINT_EXT + '.link.part')) + \
+                [os.path.join(folder, n + CHECKPOINT_EXT) for n in ('tmp', self.recovery_prefix + '_tmp')]
+            for path in stale:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
 
     def checkpoint_state(self, epoch: int, metric: Optional[float] = None) -> Dict[str, Any]:
         """The dict written to disk: timm's training checkpoint layout plus ``extra_state_fn()``."""
