@@ -199,11 +199,17 @@ group.add_argument('--no-progress', action='store_true', default=False, help='no
 
 
 def parse_args(argv: Optional[List[str]] = None):
+    """Flags over the -c/--config YAML (e.g. a run's args.yaml) over the defaults."""
     args_config, remaining = config_parser.parse_known_args(argv)
+    config = {}
     if args_config.config:
-        with open(args_config.config) as f:
-            parser.set_defaults(**yaml.safe_load(f))
-    return parser.parse_args(remaining)
+        try:
+            with open(args_config.config) as f:
+                config = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise TrainError(f'could not read --config {args_config.config}: {e}') from None
+    # A pre-filled namespace instead of parser.set_defaults keeps the module-level parser unchanged between calls.
+    return parser.parse_args(remaining, namespace=argparse.Namespace(**config))
 
 
 def validate_args(args) -> None:

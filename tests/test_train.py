@@ -53,6 +53,13 @@ def test_one_epoch_per_method(tmp_path, method):
         assert key in ckpt, key
     assert ckpt['step'] == 4
 
+    if method in ('erm', 'alps'):
+        # args.yaml reproduces the run through timm's -c/--config, to the last digit on CPU
+        assert train_timm.main(['-c', str(out / 'args.yaml'), '--output', str(tmp_path), '--experiment', 'again']) == 0
+        again = list(csv.DictReader(open(tmp_path / 'again' / 'summary.csv')))
+        keys = ('train_loss', 'eval_loss', 'eval_top1', 'lr')
+        assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]
+
 
 def test_alps_model_label_ema_channels_last(tmp_path):
     assert train_timm.main(TINY + ['--alps-label', 'model', '--alps-mode', 'pair', '--alps-prob', '0.5',

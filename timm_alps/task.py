@@ -52,7 +52,8 @@ def apply_method_preset(args) -> None:
         ValueError: conflicting or out-of-range settings; the message names the flag.
     """
     alps_given = [f for f in _ALPS_FLAGS if getattr(args, f, None) is not None]
-    mixup_given = [f for f in ('mixup', 'cutmix') if getattr(args, f, None) is not None]
+    # 0 disables MixUp/CutMix (as in timm), so `--mixup 0` or a saved args.yaml with mixup: 0.0 is not a request.
+    mixup_given = [f for f in ('mixup', 'cutmix') if getattr(args, f, None)]
     if args.method is None:
         args.method = 'mixup' if mixup_given and not alps_given else 'alps'
     if args.method not in METHODS:
@@ -75,8 +76,10 @@ def apply_method_preset(args) -> None:
     for k, v in METHOD_PRESETS[args.method].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    for k, v in dict(drop=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, alps_prob=1.0, alps_mode='elem',
-                     alps_label='fused').items():
+    defaults = dict(drop=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0)
+    if args.method == 'alps':
+        defaults.update(alps_prob=1.0, alps_mode='elem', alps_label='fused')
+    for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
 
