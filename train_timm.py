@@ -570,6 +570,63 @@ def validate(model, loader, args, device, amp_autocast=nullcontext) -> Dict[str,
     return dict(loss=loss / n, top1=100.0 * top1 / n, top5=100.0 * top5 / n)
 
 
+def resume_training(args, output_dir, task, optimizer, loss_scaler, lr_scheduler, mixup_fn, loader_train, state):
+    """Load a checkpoint into the plain (not yet DDP/compiled) modules and restore every random stream.
+
+    Returns:
+        (path, checkpoint dict, start epoch, batches of that epoch already trained)
+    """
+    start_epoch, skip_batches = 0, 0
+    try:
+        if args.resume == 'auto':
+            resume_path, skipped = find_resume_checkpoint(output_dir)
+            for p, why in skipped:
+                _logger.warning(f'--resume auto: skipping {p}: {why}')
+        else:
+            resume_path = args.resume
+        checkpoint = load_training_checkpoint(resume_path)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    if checkpoint.get('arch') not in (None, args.model):
+        raise TrainError(f"--resume: '{resume_path}' holds a {checkpoint['arch']} but --model is {args.model}")
+    try:
+        task.load_checkpoint_state(checkpoint['state_dict'], checkpoint.get('task_state'))
+        if args.model_ema and checkpoint.get('state_dict_ema') is not None:
+            task.load_checkpoint_state(checkpoint['state_dict_ema'], checkpoint.get('task_state_ema'), ema=True)
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise TrainError(f"--resume: '{resume_path}' does not match this model/optimizer "
+                         f"(different --model, --model-kwargs, --num-classes or --opt?): {e}") from e
+    if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
+        loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+    if checkpoint.get('scheduler') is not None and isinstance(lr_scheduler, PlateauLRScheduler):
+        # Only the plateau schedule has history; the others are functions of epoch/step, re-derived in main() from
+        # the current flags (so a resume may extend --epochs).
+        lr_scheduler.load_state_dict(checkpoint['scheduler'])
+    state['step'] = int(checkpoint.get('step', 0))
+    if checkpoint.get('batch_idx') is not None:
+        start_epoch, skip_batches = int(checkpoint['epoch']), int(checkpoint['batch_idx']) + 1
+    else:
+        start_epoch = int(checkpoint['epoch']) + 1
+    per_rank = checkpoint.get('rank_state') or []
+    if args.rank < len(per_rank):
+        mine = per_rank[args.rank]
+        restore_rng_state(mine['rng'])
+        if mine.get('alps_mixup') is not None and hasattr(mixup_fn, 'load_state_dict'):
+            mixup_fn.load_state_dict(mine['alps_mixup'])
+        if mine.get('loader') is not None and hasattr(loader_train, 'load_state_dict'):
+            loader_train.load_state_dict(mine['loader'])
+        state['resume_loss'] = mine.get('epoch_loss')
+    else:
+        _logger.warning(f'--resume: no saved RNG state for rank {args.rank} (world size changed?); '
+                        f'continuing with fresh random streams.')
+    if state['rank0']:
+        where = f'epoch {start_epoch}' + (f', batch {skip_batches}' if skip_batches else '')
+        _logger.info(f"Resumed from '{resume_path}' at {where} (step {state['step']}).")
+
+    return resume_path, checkpoint, start_epoch, skip_batches
+
+
 def _broadcast_error(args, message: Optional[str]) -> None:
     """Rank 0 checks the output folder; every rank stops with the same error instead of hanging in a collective."""
     if args.distributed:
@@ -630,7 +687,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.num_classes is None:
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=rank0)
-    loader_train, loader_eval = build_loaders(args, data, data_config, device)
+    try:
+        loader_train, loader_eval = build_loaders(args, data, data_config, device)
+    except (ValueError, TypeError) as e:
+        raise TrainError(f'could not build the data loaders: {e}') from e
     data = None
     max_label = getattr(loader_train, 'max_label', None)
     if max_label is not None and max_label >= args.num_classes:
@@ -665,55 +725,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # resume (before DDP / compile, so state loads into the plain modules)
     output_dir = resolve_output_dir(args)
-    resume_path, checkpoint, start_epoch, skip_batches = '', None, 0, 0
     state = dict(step=0, batch_idx=None, skipped=0, rank0=rank0)
+    resume_path, checkpoint, start_epoch, skip_batches = '', None, 0, 0
     if args.resume:
-        try:
-            if args.resume == 'auto':
-                resume_path, skipped = find_resume_checkpoint(output_dir)
-                for p, why in skipped:
-                    _logger.warning(f'--resume auto: skipping {p}: {why}')
-            else:
-                resume_path = args.resume
-            checkpoint = load_training_checkpoint(resume_path)
-        except CheckpointError as e:
-            raise TrainError(str(e)) from None
-        if checkpoint.get('arch') not in (None, args.model):
-            raise TrainError(f"--resume: '{resume_path}' holds a {checkpoint['arch']} but --model is {args.model}")
-        try:
-            task.load_checkpoint_state(checkpoint['state_dict'], checkpoint.get('task_state'))
-            if args.model_ema and checkpoint.get('state_dict_ema') is not None:
-                task.load_checkpoint_state(checkpoint['state_dict_ema'], checkpoint.get('task_state_ema'), ema=True)
-            optimizer.load_state_dict(checkpoint['optimizer'])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise TrainError(f"--resume: '{resume_path}' does not match this model/optimizer "
-                             f"(different --model, --model-kwargs, --num-classes or --opt?): {e}") from e
-        if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
-            loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
-        if checkpoint.get('scheduler') is not None and isinstance(lr_scheduler, PlateauLRScheduler):
-            # Only the plateau schedule has history; the others are functions of epoch/step, re-derived below from
-            # the current flags (so a resume may extend --epochs).
-            lr_scheduler.load_state_dict(checkpoint['scheduler'])
-        state['step'] = int(checkpoint.get('step', 0))
-        if checkpoint.get('batch_idx') is not None:
-            start_epoch, skip_batches = int(checkpoint['epoch']), int(checkpoint['batch_idx']) + 1
-        else:
-            start_epoch = int(checkpoint['epoch']) + 1
-        per_rank = checkpoint.get('rank_state') or []
-        if args.rank < len(per_rank):
-            mine = per_rank[args.rank]
-            restore_rng_state(mine['rng'])
-            if mine.get('alps_mixup') is not None and hasattr(mixup_fn, 'load_state_dict'):
-                mixup_fn.load_state_dict(mine['alps_mixup'])
-            if mine.get('loader') is not None and hasattr(loader_train, 'load_state_dict'):
-                loader_train.load_state_dict(mine['loader'])
-            state['resume_loss'] = mine.get('epoch_loss')
-        else:
-            _logger.warning(f'--resume: no saved RNG state for rank {args.rank} (world size changed?); '
-                            f'continuing with fresh random streams.')
-        if rank0:
-            where = f'epoch {start_epoch}' + (f', batch {skip_batches}' if skip_batches else '')
-            _logger.info(f"Resumed from '{resume_path}' at {where} (step {state['step']}).")
+        resume_path, checkpoint, start_epoch, skip_batches = resume_training(
+            args, output_dir, task, optimizer, loss_scaler, lr_scheduler, mixup_fn, loader_train, state)
 
     if args.torchcompile:
         task.compile(backend=args.torchcompile)

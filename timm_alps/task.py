@@ -7,7 +7,6 @@ with nothing special under DDP. With ``--alps-label model`` the mixer runs one e
 *inside* the DDP wrapper, so it registers no gradient hooks and broadcasts no buffers.
 """
 import logging
-from contextlib import nullcontext
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
