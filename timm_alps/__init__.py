@@ -7,6 +7,9 @@ from .labels import adversarial_label
 from .loss import ALPSSoftTargetCrossEntropy
 from .mixup import ALPSMixup
 from . import models  # registers preact_resnet18*, vgg16_cifar with timm
+from .data import BUNDLED_DATA_DIR, InMemoryLoader, load_split_tensors
+from .task import ALPSTask
 
 __version__ = '0.1.0'
-__all__ = ['adversarial_label', 'ALPSMixup', 'ALPSSoftTargetCrossEntropy']
+__all__ = ['adversarial_label', 'ALPSMixup', 'ALPSSoftTargetCrossEntropy', 'ALPSTask', 'BUNDLED_DATA_DIR',
+           'InMemoryLoader', 'load_split_tensors']
