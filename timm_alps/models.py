@@ -158,7 +158,6 @@ class PreActResNet(_CifarClassifier):
         return x
 
 
-
 class VggCifar(_CifarClassifier):
     """VGG with BatchNorm for 32x32 inputs and a single linear CIFAR head.
 
@@ -223,7 +222,6 @@ class VggCifar(_CifarClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
-
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
