@@ -708,8 +708,13 @@ def aggregate(records: Sequence[Dict[str, Any]], seeds: Sequence[int]) -> List[D
     return rows
 
 
-def goal_checks(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """The issue's goals checked against the measured means, one honest line each."""
+def goal_checks(rows: Sequence[Dict[str, Any]], samples: Optional[Dict[str, int]] = None) -> List[str]:
+    """The issue's goals checked against the measured means, one honest line each.
+
+    `samples` (metric -> test images) adds a noise verdict: a difference below two standard errors of the
+    difference of two error rates measured on that many images is reported as within noise (test-sample noise
+    only; the spread over seeds is in the table).
+    """
     lines = []
     for group in dict.fromkeys(r['group'] for r in rows):
         by = {r['method']: r for r in rows if r['group'] == group and not r['tag']}
@@ -718,19 +723,47 @@ def goal_checks(rows: Sequence[Dict[str, Any]]) -> List[str]:
             v = by.get(method, {}).get('values', {}).get(metric) or []
             return sum(v) / len(v) if v else None
 
-        def check(text, a, b, cmp, relation):
+        def check(text, metric, a, b, cmp, relation):
             if a is None or b is None:
                 lines.append(f'- {group}: {text}: not measured (runs missing)')
                 return
             ok = cmp(a, b)
-            lines.append(f'- {group}: {text}: **{"yes" if ok else "NO"}** ({a:.2f} {relation if ok else "vs"} {b:.2f})')
+            line = f'- {group}: {text}: **{"yes" if ok else "NO"}** ({a:.2f} {relation if ok else "vs"} {b:.2f}'
+            n = (samples or {}).get(metric)
+            if n:
+                pa, pb = a / 100, b / 100
+                se = 100 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n)
+                line += f'; {"within" if abs(a - b) < 2 * se else "beyond"} noise: 2 SE = {2 * se:.2f} on {n} images'
+            lines.append(line + ')')
 
-        check('ALPS clean error <= MixUp', mean('alps', 'clean'), mean('mixup', 'clean'), lambda a, b: a <= b, '<=')
-        check('MixUp clean error < ERM', mean('mixup', 'clean'), mean('erm', 'clean'), lambda a, b: a < b, '<')
+        check('ALPS clean error <= MixUp', 'clean', mean('alps', 'clean'), mean('mixup', 'clean'),
+              lambda a, b: a <= b, '<=')
+        check('MixUp clean error < ERM', 'clean', mean('mixup', 'clean'), mean('erm', 'clean'), lambda a, b: a < b,
+              '<')
         for metric in ('white-box/fgsm', 'white-box/pgd'):
             for base in ('erm', 'mixup'):
-                check(f'ALPS {METRIC_LABELS[metric]} error < {METHOD_LABELS[base]}', mean('alps', metric),
+                check(f'ALPS {METRIC_LABELS[metric]} error < {METHOD_LABELS[base]}', metric, mean('alps', metric),
                       mean(base, metric), lambda a, b: a < b, '<')
+    return lines
+
+
+def eps_table(records: Sequence[Dict[str, Any]]) -> List[str]:
+    """Markdown table of white-box PGD-10 error against eps (mean over finished seeds), one row per method."""
+    lines = []
+    for group in dict.fromkeys(r['group'] for r in records):
+        recs = [r for r in records if r['group'] == group and not r['tag'] and r.get('pgd_curve')]
+        if not recs:
+            continue
+        eps = sorted({e for r in recs for e in r['pgd_curve']})
+        lines += [f'White-box PGD-10 error (%) against eps, {group} (mean over seeds; step eps/4):', '',
+                  '| method | seeds | ' + ' | '.join(f'{e:g}/255' if e else 'clean' for e in eps) + ' |',
+                  '|' + '---|' * (len(eps) + 2)]
+        for method in METHODS:
+            curves = [r['pgd_curve'] for r in recs if r['method'] == method]
+            if curves:
+                cells = [_fmt([c[e] for c in curves if e in c]) for e in eps]
+                lines.append(f'| {METHOD_LABELS[method]} | {len(curves)} | ' + ' | '.join(cells) + ' |')
+        lines.append('')
     return lines
 
 
@@ -800,7 +833,9 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
             md.append('| ' + ' | '.join(cells) + ' |')
         md.append('')
     if not sweep:
-        md += ['## The issue\'s goals, checked', ''] + goal_checks(rows) + ['']
+        samples = {'clean': ev['clean_samples'], 'white-box/fgsm': ev['samples'], 'white-box/pgd': ev['samples']}
+        md += ['## The issue\'s goals, checked', ''] + goal_checks(rows, samples) + ['']
+        md += eps_table(records)
     md += ['Unbounded PGD (eps = inf, step 0.01, '
            f'{ev["unbounded_steps"]} steps, first {ev["unbounded_samples"]} images): accuracy must fall to ~0%; '
            '"masking?" flags a model above 1%, whose white-box numbers would then flatter it.', '',

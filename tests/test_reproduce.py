@@ -220,3 +220,22 @@ def test_speed_flags_do_not_block_a_resume(tmp_path):
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
     assert R.main(['--preset', 'cpu', '--data', str(tmp_path / 'nope.npz'), '--runs-dir', str(tmp_path)]) == 2
     assert 'does not exist' in capsys.readouterr().err
+
+
+def test_goal_checks_say_when_a_difference_is_noise():
+    rows = [dict(group='g', method=m, tag='', values={'clean': [c], 'white-box/fgsm': [f], 'white-box/pgd': [p]})
+            for m, c, f, p in (('erm', 10, 50, 70), ('mixup', 9, 45, 80), ('alps', 9.5, 49, 60))]
+    lines = R.goal_checks(rows, {'clean': 10000, 'white-box/fgsm': 500, 'white-box/pgd': 500})
+    fgsm_erm = next(line for line in lines if 'FGSM white error < ERM' in line)
+    assert '**yes**' in fgsm_erm and 'within noise' in fgsm_erm  # 49 vs 50 on 500 images
+    pgd_mixup = next(line for line in lines if 'PGD-10 white error < MixUp' in line)
+    assert 'beyond noise' in pgd_mixup  # 60 vs 80
+
+
+def test_eps_table_averages_seeds():
+    recs = [dict(group='g', tag='', method='erm', pgd_curve={0.0: 20.0, 1.0: 60.0}),
+            dict(group='g', tag='', method='erm', pgd_curve={0.0: 22.0, 1.0: 70.0}),
+            dict(group='g', tag='', method='alps', pgd_curve={0.0: 21.0, 1.0: 50.0})]
+    text = '\n'.join(R.eps_table(recs))
+    assert '| ERM | 2 | 21.00 ± 1.41 | 65.00 ± 7.07 |' in text
+    assert '| ALPS | 1 | 21.00 | 50.00 |' in text
