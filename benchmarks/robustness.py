@@ -269,6 +269,9 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
              '- Black-box: ' + (f'examples crafted once on **{meta["source"]}** (`{args.source}`) and shown to every '
                                 'model.' if args.source else 'not run (no --source).'),
              '- Cells: top-1 test error (%), lower is better; best per column in bold.']
+    if meta['source_is_target']:
+        lines.append('- The source is also one of the evaluated checkpoints: its black-box cells, marked (source), are '
+                     'white-box attacks and are left out of the bold ranking.')
     if paper:
         lines.append(f'- In parentheses: the paper\'s {_PAPER_LABELS[paper]} PreActResNet18 figures (Guo et al., '
                      'IJCAI 2021, Tables 2-3, 5, 6) for the method the name matches, at eps = 4/255 only (their '
@@ -281,15 +284,18 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
         headers = ['Method'] + [h.format(pgd=pgd_name) for _, h, _, _ in shown]
         lines += ['', title, '', '| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
         best = {}
-        for key, _, _, _ in shown:
-            values = [float(r[f'{key}_err']) for r in sub if r[f'{key}_err'] != '']
+        for key, _, prefix, _ in shown:
+            values = [float(r[f'{key}_err']) for r in sub if r[f'{key}_err'] != ''
+                      and not (prefix == 'black-box' and _is_source(r, args))]
             best[key] = min(values) if len(values) > 1 else None
         for r in sub:
             cells = [str(r['method'])]
-            for key, _, _, _ in shown:
+            for key, _, prefix, _ in shown:
                 value = r[f'{key}_err']
                 cell = value if value != '' else 'n/a'
-                if value != '' and best[key] is not None and float(value) == best[key]:
+                if prefix == 'black-box' and _is_source(r, args):
+                    cell += ' (source)'
+                elif value != '' and best[key] is not None and float(value) == best[key]:
                     cell = f'**{cell}**'
                 if r[f'paper_{key}_err'] != '':
                     cell += f' ({r[f"paper_{key}_err"]})'
@@ -309,6 +315,10 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
     lines += ['', 'Files: `robustness.csv` (one row per method and eps, paper figures in `paper_*` columns), '
                   '`robustness.png` (error against eps).', '']
     path.write_text('\n'.join(lines))
+
+
+def _is_source(row, args) -> bool:
+    return bool(args.source) and Path(str(row['checkpoint'])).resolve() == Path(args.source).resolve()
 
 
 def write_plot(rows, path: Path, args) -> None:
@@ -422,6 +432,7 @@ def run(args, argv: Sequence[str]) -> Dict[str, Path]:
         'command': 'python -m benchmarks.robustness ' + ' '.join(shlex.quote(a) for a in argv),
         'data': desc, 'num_samples': str(result.num_samples), 'device': str(device),
         'wall': f'{time.perf_counter() - start:.0f} s', 'source': source_name or '',
+        'source_is_target': any(_is_source({'checkpoint': c}, args) for c in args.checkpoints),
     }
     write_csv(rows, paths['csv'])
     write_markdown(rows, paths['md'], args, meta, paper)

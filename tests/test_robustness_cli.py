@@ -164,11 +164,14 @@ def test_balanced_first():
 def test_max_samples_class_balanced(files):
     out = files['root'] / 'subset'
     bench.main([str(files['erm']), '--npz', str(files['npz']), '--max-samples', '7', '--eps', '4/255',
-                '--attacks', 'fgsm', 'pgd', '--pgd-steps', '3', '--paper', 'cifar10', '--output', str(out)] + FAST)
+                '--attacks', 'fgsm', 'pgd', '--pgd-steps', '3', '--paper', 'cifar10', '--source', str(files['erm']),
+                '--output', str(out)] + FAST)
     row, = _read_csv(out / 'robustness.csv')
     assert row['num_samples'] == '7'
     md = (out / 'robustness.md').read_text()
     assert 'first 7 class-balanced' in md and 'PGD-3 white-box' in md
+    # the source evaluated as a target: its black-box cells are white-box, and are flagged so
+    assert row['bb_fgsm_err'] == row['fgsm_err'] and '(source)' in md and 'left out of the bold ranking' in md
     # PGD-3 is not the paper's protocol: its PGD figures are left out, FGSM's stay
     assert row['paper_pgd_err'] == '' and row['paper_bb_pgd_err'] == '' and row['paper_fgsm_err'] == '39.02'
 
@@ -224,3 +227,17 @@ def test_module_entry_point_help():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '--source' in done.stdout and '--eps' in done.stdout and '--max-samples' in done.stdout
+
+
+def test_bundled_data_default_and_timm_wds_reader_agree(files):
+    """No data flag: the bundled CIFAR-10 test subset; `--dataset wds/...` reads the same shards through timm."""
+    from timm_alps.data import BUNDLED_DATA_DIR
+    common = [str(files['ten']), '--max-samples', '20', '--eps', '4/255', '--attacks', 'fgsm'] + FAST
+    bench.main(common + ['--output', str(files['root'] / 'bundled')])
+    bench.main(common + ['--dataset', 'wds/cifar10_subset', '--data-root', str(BUNDLED_DATA_DIR),
+                         '--output', str(files['root'] / 'wds')])
+    a, = _read_csv(files['root'] / 'bundled' / 'robustness.csv')
+    b, = _read_csv(files['root'] / 'wds' / 'robustness.csv')
+    assert a['num_samples'] == b['num_samples'] == '20'
+    assert (a['clean_err'], a['fgsm_err']) == (b['clean_err'], b['fgsm_err'])
+    assert 'bundled CIFAR-10 subset split \'test\'' in (files['root'] / 'bundled' / 'robustness.md').read_text()

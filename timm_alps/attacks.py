@@ -17,6 +17,7 @@ parameters or buffers, and put every module's train/eval mode back afterwards.
 """
 import argparse
 import math
+import pickle
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,7 +112,10 @@ def load_checkpoint_model(
     path = Path(path)
     if not path.is_file():
         raise ValueError(f'checkpoint {str(path)!r} does not exist')
-    ckpt = _torch_load(path)
+    try:
+        ckpt = _torch_load(path)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f'cannot read checkpoint {str(path)!r}: {e}') from e
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise ValueError(
             f'{str(path)!r} is not a train_timm.py checkpoint: expected a dict with a "state_dict" key, '
@@ -131,10 +135,7 @@ def load_checkpoint_model(
     create_kwargs = dict(getattr(args, 'model_kwargs', None) or {})
     if num_classes is not None:
         create_kwargs['num_classes'] = num_classes
-    for name in ('in_chans', 'global_pool'):
-        value = getattr(args, name, None)
-        if name == 'global_pool':
-            value = getattr(args, 'gp', value)
+    for name, value in (('in_chans', getattr(args, 'in_chans', None)), ('global_pool', getattr(args, 'gp', None))):
         if value is not None:
             create_kwargs.setdefault(name, value)
     try:
