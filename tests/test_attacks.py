@@ -217,7 +217,6 @@ def test_model_mode_parameters_buffers_untouched(data, name):
     model = TinyNet().train()
     model.bn.eval()  # mixed modes must come back as they were, not all-train
     model.fc.weight.requires_grad_(False)
-    before = _state(model)
     with torch.no_grad():
         model.bn.running_mean.add_(0.3)  # non-default stats, so a BN update in train mode would show
     before = _state(model)
