@@ -9,7 +9,10 @@ from .mixup import ALPSMixup
 from . import models  # registers preact_resnet18*, vgg16_cifar with timm
 from .data import BUNDLED_DATA_DIR, InMemoryLoader, load_split_tensors
 from .task import ALPSTask
+from .attacks import (NormalizedModel, apgd_ce, evaluate_robustness, fgsm, load_checkpoint_model, pgd,
+                      transfer_attack, unbounded_pgd)
 
 __version__ = '0.1.0'
 __all__ = ['adversarial_label', 'ALPSMixup', 'ALPSSoftTargetCrossEntropy', 'ALPSTask', 'BUNDLED_DATA_DIR',
-           'InMemoryLoader', 'load_split_tensors']
+           'InMemoryLoader', 'load_split_tensors', 'NormalizedModel', 'apgd_ce', 'evaluate_robustness', 'fgsm',
+           'load_checkpoint_model', 'pgd', 'transfer_attack', 'unbounded_pgd']
