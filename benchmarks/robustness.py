@@ -29,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from benchmarks.paper_numbers import PAPER_ERRORS
 from timm_alps.attacks import (
     UNBOUNDED_MAX_ACCURACY, apgd_ce, evaluate_robustness, fgsm, gradient_masking_suspected, load_checkpoint_model,
     pgd, unbounded_pgd,
@@ -38,23 +39,16 @@ ATTACKS = ('fgsm', 'pgd', 'apgd', 'unbounded')
 TRANSFERABLE = ('fgsm', 'pgd')  # the paper's black-box attacks
 PAPER_EPS = 4 / 255
 
-# The paper's test error (%), PreActResNet18 (Guo et al., IJCAI 2021, Tables 2-3 clean, Table 5 FGSM, Table 6 PGD).
-_PAPER_METHODS = ('ERM', 'Dropout', 'LS', 'MixUp', 'ALPS')
+# The paper's mean test error (%) of PreActResNet18 (Tables 2-3 clean, Table 5 FGSM, Table 6 PGD), from the one
+# copy of the published numbers in benchmarks.paper_numbers: {dataset: {column: {paper row: error}}}.
+_PAPER_ROWS = {'ERM': 'erm', 'Dropout': 'dropout', 'LS': 'ls', 'MixUp': 'mixup', 'ALPS': 'alps'}
+_PAPER_COLUMNS = {'clean': 'clean', 'fgsm': 'white-box/fgsm', 'bb_fgsm': 'black-box/fgsm', 'pgd': 'white-box/pgd',
+                  'bb_pgd': 'black-box/pgd'}
 PAPER_FIGURES: Dict[str, Dict[str, Dict[str, float]]] = {
-    'cifar10': {
-        'clean': dict(zip(_PAPER_METHODS, (6.13, 5.91, 5.66, 4.22, 4.15))),
-        'fgsm': dict(zip(_PAPER_METHODS, (39.02, 38.41, 27.38, 31.96, 24.00))),
-        'bb_fgsm': dict(zip(_PAPER_METHODS, (12.41, 12.20, 10.86, 9.79, 7.91))),
-        'pgd': dict(zip(_PAPER_METHODS, (58.33, 59.19, 42.78, 71.02, 44.55))),
-        'bb_pgd': dict(zip(_PAPER_METHODS, (15.98, 16.17, 13.80, 12.78, 8.55))),
-    },
-    'cifar100': {
-        'clean': dict(zip(_PAPER_METHODS, (25.97, 25.46, 24.85, 22.07, 21.75))),
-        'fgsm': dict(zip(_PAPER_METHODS, (68.67, 65.70, 63.26, 68.33, 56.93))),
-        'bb_fgsm': dict(zip(_PAPER_METHODS, (37.99, 35.94, 34.29, 33.74, 32.84))),
-        'pgd': dict(zip(_PAPER_METHODS, (83.03, 79.15, 79.65, 88.80, 68.34))),
-        'bb_pgd': dict(zip(_PAPER_METHODS, (41.29, 39.82, 40.24, 35.85, 33.79))),
-    },
+    dataset: {column: {row: PAPER_ERRORS[(dataset, 'preact_resnet18')][method][metric][0]
+                       for row, method in _PAPER_ROWS.items()}
+              for column, metric in _PAPER_COLUMNS.items()}
+    for dataset in ('cifar10', 'cifar100')
 }
 _PAPER_LABELS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100'}
 
