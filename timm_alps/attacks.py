@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import _torch_load
+
 __all__ = [
     'NormalizedModel', 'load_checkpoint_model', 'fgsm', 'pgd', 'apgd_ce', 'unbounded_pgd',
     'evaluate_robustness', 'transfer_attack', 'RobustnessResult', 'gradient_masking_suspected',
@@ -71,11 +73,6 @@ class NormalizedModel(nn.Module):
         return self.model((x - self.mean) / self.std)
 
 
-def _torch_load(path: Union[str, Path]) -> dict:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
 def load_checkpoint_model(
         path: Union[str, Path],
         device: Union[str, torch.device] = 'cpu',
@@ -113,7 +110,7 @@ def load_checkpoint_model(
     if not path.is_file():
         raise ValueError(f'checkpoint {str(path)!r} does not exist')
     try:
-        ckpt = _torch_load(path)
+        ckpt = _torch_load(str(path))
     except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
         raise ValueError(f'cannot read checkpoint {str(path)!r}: {e}') from e
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
