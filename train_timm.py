@@ -4,7 +4,7 @@
     python train_timm.py                                   # ALPS on the bundled CIFAR-10 subset, CPU-friendly
     python train_timm.py --alps-eps 0.3 --alps-beta 8 2    # the same, flags spelled out
     python train_timm.py --dataset torch/cifar10 --data-dir data --dataset-download --model preact_resnet18 \
-        --epochs 200 --sched multistep --decay-milestones 100 150 --lr 0.1 --weight-decay 1e-4  # the paper
+        --epochs 200 --sched multistep --decay-milestones 101 151 --lr 0.1 --weight-decay 1e-4  # the paper
     torchrun --nproc_per_node 4 train_timm.py ...          # DDP (NCCL on GPUs, gloo on CPU)
 
 Flags keep the names of timm's train.py. The output folder gets args.yaml, summary.csv, last/best/numbered
