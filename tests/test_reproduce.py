@@ -100,9 +100,16 @@ def test_train_command_has_the_recipe(tmp_path):
     text = ' '.join(cmd)
     for piece in ('--epochs 200', '-b 128', '--lr 0.1', '--weight-decay 1e-4', '--sched multistep',
                   '--decay-milestones 101 151', '--alps-eps 0.3', '--alps-beta 8 2', '--amp-dtype bfloat16',
-                  '--experiment alps-s0', '--seed 0'):
+                  '--experiment alps-s0', '--seed 0', '--opt momentum --lr 0.1 --momentum 0.9'):
         assert piece in text
     assert '--resume' not in cmd
+
+
+def test_cpu_preset_keeps_the_optimizer_its_results_were_trained_with(tmp_path):
+    # the committed cpu results used timm's `sgd` (Nesterov); the paper preset uses classical momentum
+    preset = R.get_preset('cpu')
+    cmd = R.train_command(R.plan_runs(preset, tmp_path)[0], preset, '/data', 'wds/cifar10')
+    assert cmd[cmd.index('--opt') + 1] == 'sgd'
 
 
 def _fake_checkpoint(run_dir: Path, epoch: int) -> None:
