@@ -147,6 +147,11 @@ def test_convert_errors(tmp_path):
         convert(tmp_path / 'toy.npz', tmp_path / 'out', shard_size=0)
     with pytest.raises(FileNotFoundError, match='_info.json'):
         load_split_tensors(tmp_path, 'train')
+    np.savez(tmp_path / 'empty.npz', x_train=np.zeros((0, 4, 4, 3), np.uint8), y_train=np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="split 'train' of .*empty.npz is empty"):
+        load_split_tensors(tmp_path / 'empty.npz', 'train')
+    with pytest.raises(ValueError, match='is empty'):
+        convert(tmp_path / 'empty.npz', tmp_path / 'out')
 
 
 def test_bundled_subset():

@@ -96,6 +96,9 @@ def _read_npz(src: Path, splits: Optional[Sequence[str]]):
                              f"{x.dtype} {x.shape}")
         if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f'y_{split} in {src} must be {len(x)} integer labels, got {y.dtype} {y.shape}')
+        if len(x) == 0:
+            raise ValueError(f'split {split!r} of {src} is empty (x_{split} has shape {x.shape}); '
+                             f'drop it or pass the splits that hold images')
         mask = data[f'lossless_mask_{split}'] if f'lossless_mask_{split}' in data.files else None
         out[split] = (_ArrayImages(x), y.astype(np.int64), mask)
     classes = None
