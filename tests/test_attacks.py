@@ -475,3 +475,258 @@ def test_cross_check_with_torchattacks(net, data):
     theirs = torchattacks.PGD(net, eps=eps, alpha=2 / 255, steps=10, random_start=False)(x, y)
     ours = pgd(net, x, y, eps, step_size=2 / 255, steps=10, keep_best=False)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+# -- bad input of the kind users send (issue 12 section 5) -----------------------------------------------------------
+
+@pytest.mark.parametrize('eps', [4.0, 1.0001, 255.0, -0.0001, float('nan'), -math.inf])
+def test_eps_outside_pixel_range_is_refused(net, data, eps):
+    x, y = data
+    for attack in (lambda e: fgsm(net, x, y, e), lambda e: pgd(net, x, y, e, 0.01, 2),
+                   lambda e: apgd_ce(net, x, y, e, steps=2)):
+        with pytest.raises(ValueError, match='eps must be >= 0 and <= 1'):
+            attack(eps)
+
+
+def test_eps_of_255_levels_suggests_the_fraction(net, data):
+    x, y = data
+    with pytest.raises(ValueError, match='did you mean 4/255'):
+        fgsm(net, x, y, 4)
+
+
+@pytest.mark.parametrize('bad', ['shifted', 'shape', 'nan', 'int'])
+def test_attack_output_outside_pixel_range_is_refused(net, data, bad):
+    x, y = data
+    outputs = {'shifted': lambda a: a + 0.5, 'shape': lambda a: a[:, :1], 'nan': lambda a: a * float('nan'),
+               'int': lambda a: (a * 255).to(torch.uint8)}
+    broken = lambda m, a, b: outputs[bad](fgsm(m, a, b, 4 / 255))  # noqa: E731
+    with pytest.raises(ValueError, match="attack 'broken'"):
+        evaluate_robustness({'net': net}, [(x, y)], attacks={'broken': broken}, progress=False)
+    with pytest.raises(ValueError, match="attack 'broken'"):
+        transfer_attack(net, {'net': net}, [(x, y)], attacks={'broken': broken}, progress=False)
+
+
+def test_normalized_model_channel_mismatch_names_the_shapes():
+    inner = nn.Sequential(nn.Flatten(), nn.LazyLinear(2))
+    wrapped = NormalizedModel(inner, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    with pytest.raises(ValueError, match=r'3 channel\(s\).*\(2, 1, 4, 4\)'):
+        wrapped(torch.rand(2, 1, 4, 4))
+    gray = NormalizedModel(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), mean=(0.5,), std=(0.25,))
+    assert gray(torch.rand(2, 3, 4, 4)).shape == (2, 2)  # one statistic broadcasts over any channel count
+    for mean, std in (((0.5, float('nan')), (1.0, 1.0)), ((0.5,), (float('inf'),)), ((0.5,), (0.0,))):
+        with pytest.raises(ValueError, match='finite'):
+            NormalizedModel(inner, mean, std)
+
+
+@pytest.mark.parametrize('content', [b'e' * 64, b'\x80\x02not really', b'', b'PK\x03\x04broken zip'])
+def test_files_that_are_not_checkpoints(tmp_path, content):
+    path = tmp_path / 'notes.pth.tar'
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match='cannot read checkpoint'):
+        load_checkpoint_model(path)
+    with pytest.raises(ValueError, match='does not exist'):
+        load_checkpoint_model(tmp_path)  # a folder
+
+
+# -- AutoAttack ------------------------------------------------------------------------------------------------------
+
+AA_CLASSES = 10
+
+
+class TenWayNet(nn.Module):
+    """Conv + BN + dropout + linear on 10 classes: APGD-T needs at least 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(6 * 16, AA_CLASSES)
+
+    def forward(self, x):
+        return self.fc(self.drop(F.relu(self.bn(self.conv(x))).flatten(1)))
+
+
+def _ten_way(n: int, seed: int):
+    templates = torch.randn((AA_CLASSES,) + SHAPE, generator=torch.Generator().manual_seed(5)).sign() * 0.06
+    labels = torch.arange(n) % AA_CLASSES
+    noise = 0.1 * torch.randn((n,) + SHAPE, generator=torch.Generator().manual_seed(seed))
+    return (0.5 + templates[labels] + noise).clamp(0, 1), labels
+
+
+@pytest.fixture(scope='module')
+def ten_way():
+    torch.manual_seed(0)
+    model = _train(TenWayNet(), *_ten_way(400, seed=6), steps=60)
+    x, y = _ten_way(30, seed=7)
+    return model, x, y
+
+
+# small budgets keep the tests fast; the flow and the settings are the standard version's
+FAST_AA = dict(steps=8, n_queries=60)
+
+
+def test_autoattack_bounds_flow_and_accounting(ten_way):
+    torchattacks = pytest.importorskip('torchattacks')  # noqa: F841
+    from timm_alps.autoattack import STANDARD_ATTACKS, autoattack
+    model, x, y = ten_way
+    eps = 8 / 255
+    res = autoattack(model, x, y, eps, **FAST_AA)
+    assert list(res.robust) == list(STANDARD_ATTACKS)
+    adv = res.adversarial
+    assert adv.dtype == torch.float32 and adv.shape == x.shape
+    assert float((adv - x).abs().max()) <= eps + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    with torch.no_grad():
+        clean_ok = model(x).argmax(1) == y
+        adv_ok = model(adv).argmax(1) == y
+    assert res.clean_correct == int(clean_ok.sum())
+    # the robust count is monotone and is what the returned images score
+    counts = [res.clean_correct] + list(res.robust.values())
+    assert counts == sorted(counts, reverse=True)
+    assert int(adv_ok.sum()) == counts[-1] and res.autoattack_acc == pytest.approx(100 * counts[-1] / len(y))
+    # images that stay robust are returned clean; broken ones are the clean-correct ones
+    torch.testing.assert_close(adv[adv_ok], x[adv_ok])
+    assert not bool((~clean_ok & (adv != x).flatten(1).any(1)).any())
+    assert res.flags == dict(randomized=False, zero_gradients=0, square_stronger=res.square_stronger)
+    assert 0 < counts[-1] < res.clean_correct, 'the fixture should leave some, not all, images robust'
+
+
+def test_autoattack_not_weaker_than_our_apgd_ce(ten_way):
+    """Cross-check: torchattacks' APGD-CE (inside AutoAttack) against our own on the same model and images."""
+    pytest.importorskip('torchattacks')
+    from timm_alps.autoattack import autoattack
+    model, x, y = ten_way
+    eps = 8 / 255
+    ours = apgd_ce(model, x, y, eps, steps=FAST_AA['steps'], generator=torch.Generator().manual_seed(0))
+    ours_robust = int((model(ours).argmax(1) == y).sum())
+    theirs = autoattack(model, x, y, eps, attacks=('apgd-ce',), **FAST_AA)
+    assert abs(theirs.robust['apgd-ce'] - ours_robust) <= 2  # same algorithm, different random start
+    full = autoattack(model, x, y, eps, **FAST_AA)
+    assert full.robust['square'] <= ours_robust
+
+
+def test_autoattack_guarantees(ten_way):
+    pytest.importorskip('torchattacks')
+    from timm_alps.autoattack import autoattack
+    model, x, y = ten_way
+    model.train()
+    model.drop.eval()  # a mixed state must come back exactly
+    for p in model.parameters():
+        p.grad = None
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        res = autoattack(model, x, y, 8 / 255, **FAST_AA)
+    assert torch.equal(torch.rand(3), expected_next), 'the caller\'s RNG stream must be untouched'
+    assert model.training and not model.drop.training and model.bn.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert res.adversarial.dtype == torch.float32 and not res.randomized  # eval mode: dropout off
+    model.eval()
+    # deterministic given the seed
+    again = autoattack(model, x, y, 8 / 255, **FAST_AA)
+    assert again.robust == autoattack(model, x, y, 8 / 255, **FAST_AA).robust
+
+
+def test_autoattack_l2(ten_way):
+    pytest.importorskip('torchattacks')
+    from timm_alps.autoattack import autoattack
+    model, x, y = ten_way
+    res = autoattack(model, x, y, 0.5, norm='L2', **FAST_AA)
+    assert float((res.adversarial - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-5
+    assert res.robust['square'] <= res.clean_correct
+
+
+class _Noisy(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x) + 0.5 * torch.randn(x.shape[0], AA_CLASSES)
+
+
+class _Flat(nn.Module):
+    """Piecewise-constant logits: zero input gradient everywhere (the textbook masked gradient)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner((x * 8).round() / 8)
+
+
+def test_autoattack_sanity_flags(ten_way):
+    pytest.importorskip('torchattacks')
+    from timm_alps.autoattack import autoattack
+    model, x, y = ten_way
+    assert autoattack(_Noisy(model), x, y, 8 / 255, attacks=('apgd-ce',), steps=2).randomized
+    flat = autoattack(_Flat(model), x, y, 16 / 255, steps=4, n_queries=300)
+    assert flat.zero_gradients == flat.clean_correct > 0
+    # the gradient attacks see nothing; the black-box Square still breaks images
+    assert flat.robust['fab-t'] == flat.clean_correct or flat.robust['square'] < flat.robust['fab-t']
+    assert flat.square_stronger
+
+
+def test_autoattack_bad_input(ten_way, net, data):
+    pytest.importorskip('torchattacks')
+    from timm_alps.autoattack import AutoAttack, autoattack
+    model, x, y = ten_way
+    for kwargs, match in ((dict(eps=4.0), r'eps must be \[0, 1\]'), (dict(eps=float('nan')), 'eps must be'),
+                          (dict(eps=-0.1, norm='L2'), 'eps must be'), (dict(eps=0.1, norm='Linf2'), 'norm must be'),
+                          (dict(eps=0.1, attacks=('apgd-ce', 'pgd')), 'attacks must be'),
+                          (dict(eps=0.1, attacks=()), 'attacks must be'),
+                          (dict(eps=0.1, steps=0), 'steps must be'), (dict(eps=0.1, n_queries=-5), 'n_queries'),
+                          (dict(eps=0.1, n_target_classes=0), 'n_target_classes'),
+                          (dict(eps=0.1, seed=-1), 'seed must be')):
+        with pytest.raises(ValueError, match=match):
+            autoattack(model, x, y, **kwargs)
+        with pytest.raises(ValueError, match=match):
+            AutoAttack(**kwargs)
+    with pytest.raises(ValueError, match='at least 4 classes'):
+        autoattack(net, *data, 8 / 255)
+    with pytest.raises(ValueError, match='labels must lie in'):
+        autoattack(model, x, y + AA_CLASSES, 8 / 255, steps=1, n_queries=1)
+    with pytest.raises(ValueError, match=r'pixels in \[0, 1\]'):
+        autoattack(model, x * 255, y, 8 / 255)
+
+
+def test_autoattack_inside_evaluate_robustness_totals_per_model(ten_way):
+    pytest.importorskip('torchattacks')
+    from timm_alps.autoattack import AutoAttack, autoattack
+    model, x, y = ten_way
+    aa = AutoAttack(10 / 255, **FAST_AA)
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    result = evaluate_robustness({'m': model}, batches, attacks={'aa': aa}, progress=False)
+    total = aa.result(model)
+    assert total.n_examples == len(y) and total.adversarial is None
+    assert result.errors['m']['white-box/aa'] == pytest.approx(100 - total.autoattack_acc)
+    parts = [autoattack(model, xb, yb, 10 / 255, **FAST_AA) for xb, yb in batches]
+    assert total.robust == {k: parts[0].robust[k] + parts[1].robust[k] for k in total.robust}
+
+
+def test_autoattack_uses_the_reference_standard_settings(ten_way):
+    """github.com/fra31/auto-attack `AutoAttack.set_version('standard')`: 100 iterations and 1 restart for APGD-CE,
+    APGD-T and FAB-T, 9 target classes, Square with 5,000 queries, p_init 0.8 and no rescaled schedule."""
+    pytest.importorskip('torchattacks')
+    from timm_alps.autoattack import AutoAttack, _build
+    model, _, _ = ten_way
+    kw = AutoAttack(8 / 255).kwargs
+    assert (kw['attacks'], kw['steps'], kw['n_queries'], kw['n_target_classes'], kw['norm']) == (
+        ('apgd-ce', 'apgd-t', 'fab-t', 'square'), 100, 5000, 9, 'Linf')
+    built = {name: _build(name, model, 8 / 255, 'Linf', 100, 9, 100, 5000, 0, torch.device('cpu'))
+             for name in kw['attacks']}
+    assert (built['apgd-ce'].steps, built['apgd-ce'].n_restarts, built['apgd-ce'].loss, built['apgd-ce'].thr_decr) == (
+        100, 1, 'ce', 0.75)
+    assert (built['apgd-t'].steps, built['apgd-t'].n_restarts, built['apgd-t'].n_target_classes) == (100, 1, 9)
+    fab = built['fab-t']
+    assert (fab.steps, fab.n_restarts, fab.multi_targeted, fab.n_target_classes) == (100, 1, True, 9)
+    assert (fab.alpha_max, fab.eta, fab.beta) == (0.1, 1.05, 0.9)
+    sq = built['square']
+    assert (sq.n_queries, sq.n_restarts, sq.p_init, sq.loss, sq.rescale_schedule) == (5000, 1, 0.8, 'margin', False)
+    # on fewer classes the targets are capped at classes - 1
+    assert _build('apgd-t', model, 0.1, 'Linf', 5, 9, 100, 5000, 0, torch.device('cpu')).n_target_classes == 4

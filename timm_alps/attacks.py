@@ -14,10 +14,10 @@ parameters or buffers, and put every module's train/eval mode back afterwards.
 * `evaluate_robustness`: white-box and black-box (transfer) top-1 error for several models in one pass over data.
 * `transfer_attack`: black-box only: craft on a source model, evaluate every target on the same examples.
 * `NormalizedModel`, `load_checkpoint_model`: a [0, 1]-pixel model from a `train_timm.py` checkpoint.
+* AutoAttack (standard version) and its sanity flags: `timm_alps.autoattack`.
 """
 import argparse
 import math
-import pickle
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,8 +58,9 @@ class NormalizedModel(nn.Module):
         std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
         if mean_t.numel() != std_t.numel():
             raise ValueError(f'mean {tuple(mean)} and std {tuple(std)} must have one value per channel each')
-        if not bool(torch.all(std_t > 0)):
-            raise ValueError(f'std must be positive per channel, got {tuple(std)}')
+        if not bool(torch.all(torch.isfinite(mean_t))) or not bool(torch.all(torch.isfinite(std_t) & (std_t > 0))):
+            raise ValueError(f'mean must be finite and std finite and positive per channel, got mean {tuple(mean)}, '
+                             f'std {tuple(std)}')
         self.model = model
         # non-persistent: the wrapper's state_dict stays the wrapped model's (prefixed 'model.')
         self.register_buffer('mean', mean_t.reshape(1, -1, 1, 1), persistent=False)
@@ -70,6 +71,10 @@ class NormalizedModel(nn.Module):
         return getattr(self.model, 'num_classes', None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = self.mean.shape[1]
+        if x.dim() != 4 or (channels != 1 and x.shape[1] != channels):
+            raise ValueError(f'NormalizedModel has mean/std for {channels} channel(s) but got images of shape '
+                             f'{tuple(x.shape)}; expected (B, {channels}, H, W)')
         return self.model((x - self.mean) / self.std)
 
 
@@ -111,8 +116,9 @@ def load_checkpoint_model(
         raise ValueError(f'checkpoint {str(path)!r} does not exist')
     try:
         ckpt = _torch_load(str(path))
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f'cannot read checkpoint {str(path)!r}: {e}') from e
+    except Exception as e:  # zip, pickle (e.g. `KeyError: 101` for a text file) and unpickling errors all mean this
+        raise ValueError(f'cannot read checkpoint {str(path)!r}: not a checkpoint written by torch.save '
+                         f'({type(e).__name__}: {e})') from e
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt:
         raise ValueError(
             f'{str(path)!r} is not a train_timm.py checkpoint: expected a dict with a "state_dict" key, '
@@ -179,10 +185,13 @@ def _check_eps(eps: float, allow_inf: bool = True) -> float:
     if isinstance(eps, torch.Tensor) or not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise TypeError(f'eps must be a Python float (pixel units, e.g. 4/255), got {type(eps).__name__}')
     eps = float(eps)
-    if math.isnan(eps) or eps < 0:
-        raise ValueError(f'eps must be >= 0 in [0, 1] pixel units (e.g. 4/255), got {eps}')
-    if math.isinf(eps) and not allow_inf:
-        raise ValueError('eps=inf is not supported by this attack; use unbounded_pgd for the unbounded check')
+    if math.isinf(eps) and eps > 0:
+        if not allow_inf:
+            raise ValueError('eps=inf is not supported by this attack; use unbounded_pgd for the unbounded check')
+        return eps
+    if not 0 <= eps <= 1:  # also NaN
+        raise ValueError(f'eps must be >= 0 and <= 1 ([0, 1] pixel units, e.g. 4/255 for 4 grey levels), got {eps}'
+                         + (f'; did you mean {eps:g}/255?' if 1 < eps <= 255 else ''))
     return eps
 
 
@@ -578,9 +587,10 @@ def evaluate_robustness(
         for name, model in models.items():
             add(name, 'clean', _correct(model, images, labels))
             for attack_name, attack in attacks.items():
-                add(name, f'white-box/{attack_name}', _correct(model, attack(model, images, labels), labels))
+                x_adv = _check_output(attack(model, images, labels), images, attack_name)
+                add(name, f'white-box/{attack_name}', _correct(model, x_adv, labels))
         for attack_name, attack in transfer_attacks.items():
-            x_adv = attack(source, images, labels)
+            x_adv = _check_output(attack(source, images, labels), images, attack_name)
             for name, model in models.items():
                 add(name, f'black-box/{attack_name}', _correct(model, x_adv, labels))
     if count == 0:
@@ -589,6 +599,19 @@ def evaluate_robustness(
         name: {setting: 100.0 * (1.0 - float(hits) / count) for setting, hits in settings.items()}
         for name, settings in correct.items()}
     return RobustnessResult(num_samples=count, errors=errors)
+
+
+def _check_output(x_adv, images: torch.Tensor, attack_name: str) -> torch.Tensor:
+    """An attack's output must be images like its input, in [0, 1]: anything else would be scored silently."""
+    if not isinstance(x_adv, torch.Tensor) or not x_adv.is_floating_point() or x_adv.shape != images.shape:
+        got = (f'{tuple(x_adv.shape)} {x_adv.dtype}' if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__)
+        raise ValueError(f'attack {attack_name!r} must return float images of shape {tuple(images.shape)}, got {got}')
+    lo, hi = torch.aminmax(x_adv.detach())
+    lo, hi = float(lo), float(hi)
+    if not (lo >= 0.0 and hi <= 1.0):  # also NaN
+        raise ValueError(f'attack {attack_name!r} returned values in [{lo:.4g}, {hi:.4g}], outside the [0, 1] pixel '
+                         'range: clamp its output (attacks work in pixel space)')
+    return x_adv.detach()
 
 
 def _check_num_classes(models: Mapping[str, nn.Module], source: Optional[nn.Module], images: torch.Tensor) -> None:
