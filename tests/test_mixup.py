@@ -202,3 +202,146 @@ def test_bad_inputs_are_named():
         mixup(torch.zeros(2, 3), torch.full((2, 5), 0.2))
     with pytest.raises(TypeError, match='nn.Module'):
         ALPSMixup(model=lambda x: x)
+
+
+# --- arguments, timm's mixup_args, target forms, the model handle's RNG and outputs ------------------------------
+import numpy as np
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(alps_alpha=float('inf')), ValueError, 'alps_alpha=inf'),
+    (dict(alps_beta=float('nan')), ValueError, 'alps_beta=nan'),
+    (dict(alps_alpha=True), TypeError, 'alps_alpha'),
+    (dict(alps_eps=None), TypeError, 'alps_eps must be a number'),
+    (dict(alps_eps=float('nan')), ValueError, 'alps_eps=nan'),
+    (dict(alps_eps=torch.tensor([0.1, 0.2])), ValueError, 'alps_eps must be a number or a one-element tensor'),
+    (dict(prob=float('nan')), ValueError, 'prob=nan'),
+    (dict(label_smoothing=float('nan')), ValueError, 'label_smoothing=nan'),
+    (dict(label_smoothing=-0.1), ValueError, 'label_smoothing=-0.1'),
+    (dict(mode=None), ValueError, 'mode=None'),
+    (dict(seed=True), TypeError, 'seed must be an integer'),
+    (dict(seed=1.5), TypeError, 'seed must be an integer'),
+    (dict(seed=-1), ValueError, 'seed=-1'),
+    (dict(seed=2 ** 64), ValueError, r'seed=\d+ must be in \[0, 2\*\*64\)'),
+    (dict(num_classes=True), TypeError, 'num_classes must be an integer'),
+    (dict(num_classes=10.0), TypeError, 'num_classes must be an integer'),
+    (dict(rank=-1), ValueError, 'rank=-1'),
+])
+def test_every_argument_is_validated_by_name(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ALPSMixup(**kwargs)
+
+
+def test_arguments_as_numpy_and_torch_values():
+    mixup = ALPSMixup(alps_eps=torch.tensor(0.2), num_classes=np.int64(10), seed=np.uint64(3),
+                      alps_alpha=np.float32(8))
+    assert mixup.alps_eps == pytest.approx(0.2) and mixup.num_classes == 10 and type(mixup.num_classes) is int
+    assert ALPSMixup(num_classes=torch.tensor(10)).num_classes == 10
+    assert ALPSMixup(seed=2 ** 64 - 1).seed == 2 ** 64 - 1
+
+
+def timm_mixup_args(**overrides):
+    # what timm's train.py builds (its defaults: --mixup 0 --cutmix 0 --mixup-prob 1 --mixup-switch-prob 0.5
+    # --mixup-mode batch --smoothing 0.1)
+    args = dict(mixup_alpha=0.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5, mode='batch',
+                label_smoothing=0.1, num_classes=10)
+    args.update(overrides)
+    return args
+
+
+def test_from_mixup_args_takes_timm_train_py_dict():
+    mixup = ALPSMixup.from_mixup_args(timm_mixup_args(prob=0.8), alps_eps=0.2, mode='elem', seed=0)
+    assert (mixup.prob, mixup.mode, mixup.label_smoothing, mixup.num_classes, mixup.alps_eps) == \
+        (0.8, 'elem', 0.1, 10, 0.2)
+    assert ALPSMixup.from_mixup_args(timm_mixup_args()).mode == 'batch'
+    assert ALPSMixup.from_mixup_args(timm_mixup_args(mixup_alpha=1.0, correct_lam=True)).num_classes == 10
+    assert ALPSMixup.from_mixup_args({}).label_smoothing == 0.0  # ours, where timm's Mixup() has 0.1
+
+
+@pytest.mark.parametrize('key, value', [('mixup_alpha', 0.8), ('cutmix_alpha', 1.0), ('cutmix_minmax', (0.2, 0.8)),
+                                        ('switch_prob', 0.3), ('correct_lam', False), ('multi_label', True)])
+def test_from_mixup_args_refuses_what_alps_does_not_have(key, value):
+    with pytest.raises(ValueError, match=f"mixup_args\\['{key}'\\].*no meaning for ALPS"):
+        ALPSMixup.from_mixup_args(timm_mixup_args(**{key: value}))
+
+
+def test_from_mixup_args_bad_inputs():
+    with pytest.raises(ValueError, match="mixup_args\\['alpha'\\]"):
+        ALPSMixup.from_mixup_args({'alpha': 1.0})
+    with pytest.raises(TypeError, match='mixup_args must be a dict'):
+        ALPSMixup.from_mixup_args([('prob', 1.0)])
+    with pytest.raises(ValueError, match='prob=2.0'):
+        ALPSMixup.from_mixup_args(timm_mixup_args(prob=2.0))
+
+
+def test_targets_as_timm_takes_them():
+    x, y = torch.randn(5, 3, 2, 2), torch.tensor([0, 3, 9, 2, 2])
+    expected = ALPSMixup(seed=0, num_classes=10, label_smoothing=0.1)(x, y)
+    for t in (y.view(-1, 1), y.to(torch.uint8), y.to(torch.int16), y.to(torch.int32)):
+        got = ALPSMixup(seed=0, num_classes=10, label_smoothing=0.1)(x, t)
+        torch.testing.assert_close(got, expected)
+
+
+class Tupled(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.fc = kind, nn.Linear(12, 10)
+
+    def forward(self, x):
+        out = self.fc(x.flatten(1))
+        return {'tuple': (out, out), 'list': [out], 'dict': {'logits': out}, 'wide': out[:, :5]}[self.kind]
+
+
+@pytest.mark.parametrize('kind', ['tuple', 'list', 'dict'])
+def test_model_handle_with_non_tensor_output_names_the_fix(kind):
+    mixup = ALPSMixup(model=Tupled(kind), num_classes=10, seed=0)
+    with pytest.raises(TypeError, match=f'returned a {kind}.*return model\\(x\\)\\[0\\]'):
+        mixup(torch.randn(4, 3, 2, 2), torch.arange(4))
+
+
+def test_model_handle_with_wrong_logits_shape():
+    with pytest.raises(ValueError, match=r'shape \(4, 5\).*num_classes=10'):
+        ALPSMixup(model=Tupled('wide'), num_classes=10, seed=0)(torch.randn(4, 3, 2, 2), torch.arange(4))
+
+
+def test_model_handle_leaves_the_training_dropout_masks_alone():
+    model = small_net(bn=False, dropout=0.5)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(10, (16,))
+    torch.manual_seed(0)
+    x_fused, base = ALPSMixup(seed=1, num_classes=10)(x, y)
+    out_fused = model(x_fused)
+    torch.manual_seed(0)
+    x_handle, adversarial = ALPSMixup(seed=1, num_classes=10, model=model)(x, y)
+    out_handle = model(x_handle)
+    torch.testing.assert_close(out_handle, out_fused, rtol=0, atol=0)  # same dropout masks
+    # and, having drawn the same masks, the label forward saw the training forward's logits: both paths agree
+    torch.testing.assert_close(adversarial, adversarial_label(out_fused, base, 0.3))
+
+
+def test_streams_differ_by_rank_and_epoch_and_repeat_by_seed():
+    def draws(**kwargs):
+        mixup = ALPSMixup(seed=7, num_classes=10, **kwargs)
+        epoch = kwargs.pop('epoch', None)
+        if epoch is not None:
+            mixup.set_epoch(epoch)
+        return mixup.sample(32)[0]
+    torch.testing.assert_close(draws(), draws())
+    torch.testing.assert_close(draws(rank=0), draws())
+    assert not torch.equal(draws(rank=1), draws())
+    mixup = ALPSMixup(seed=7, num_classes=10)
+    mixup.set_epoch(3)
+    assert not torch.equal(mixup.sample(32)[0], draws())
+
+
+def test_make_loss_options():
+    mixup = ALPSMixup(alps_eps=0.25, num_classes=10)
+    bce = mixup.make_loss('bce', target_threshold=0.2, sum_classes=True, pos_weight=2.0)
+    assert bce.eps == 0.25 and bce.target_threshold == 0.2 and bce.sum_classes
+    wrapped = mixup.make_loss(nn.MSELoss())
+    assert wrapped.eps == 0.25 and isinstance(wrapped.base_loss, nn.MSELoss)
+    with pytest.raises(ValueError, match='do not pass eps'):
+        mixup.make_loss('ce', eps=0.1)
+    with pytest.raises(ValueError, match="loss='focal'"):
+        mixup.make_loss('focal')
+    mixup.set_model(small_net())
+    assert mixup.label_path == 'model' and mixup.make_loss('bce').eps == 0.0
