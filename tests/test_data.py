@@ -1,13 +1,20 @@
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 from timm.data import create_dataset
 
-from timm_alps.data import BUNDLED_DATA_DIR, InMemoryLoader, convert, load_split_tensors, main
+from timm_alps.data import (BUNDLED_DATA_DIR, InMemoryLoader, convert, dataset_labels, decode_dataset,
+                            default_eval_split, load_split_tensors, main, read_info, shard_image_shape, split_labels,
+                            subset_indices)
 
 
 def make_npz(path, n_train=(5, 7, 6), n_test=(3, 3, 3), size=(6, 5), channels=3, seed=0, mask=False):
@@ -30,31 +37,109 @@ def read_timm(root, name, split, mode='RGB'):
     return np.stack([np.asarray(img) for img, _ in pairs]), np.array([t for _, t in pairs])
 
 
-@pytest.mark.parametrize('compress', [False, True])
-def test_npz_round_trip_through_timm(tmp_path, compress):
+def source_positions(images, source):
+    """Index in `source` (N x H x W x C, distinct images) of each of `images`."""
+    where = {img.tobytes(): i for i, img in enumerate(source)}
+    return np.array([where[img.tobytes()] for img in images])
+
+
+@pytest.mark.parametrize('compress,shuffle', [(False, True), (True, False)])
+def test_npz_round_trip_through_timm(tmp_path, compress, shuffle):
     src = make_npz(tmp_path / 'toy.npz')
     (tmp_path / 'toy.json').write_text(json.dumps({'classes': ['a', 'b', 'c']}))
-    info = convert(tmp_path / 'toy.npz', tmp_path / 'out', shard_size=4, compress=compress)
+    info = convert(tmp_path / 'toy.npz', tmp_path / 'out', shard_size=4, compress=compress, shuffle=shuffle)
 
     on_disk = json.loads((tmp_path / 'out' / '_info.json').read_text())
-    assert on_disk == info and on_disk['classes'] == ['a', 'b', 'c'] and on_disk['name'] == 'toy'
+    assert on_disk == info == read_info(tmp_path / 'out')
+    assert on_disk['classes'] == ['a', 'b', 'c'] and on_disk['name'] == 'toy'
+    assert on_disk['shuffle'] is shuffle and on_disk['seed'] == 0
     for split in ('train', 'test'):
         s = on_disk['splits'][split]
         n = len(src[f'y_{split}'])
         assert s['name'] == split and s['num_samples'] == n and sum(s['shard_lengths']) == n
         assert len(s['filenames']) == -(-n // 4) and all((tmp_path / 'out' / f).is_file() for f in s['filenames'])
         x, y = read_timm(tmp_path / 'out', 'toy', split)
-        np.testing.assert_array_equal(x, src[f'x_{split}'])
-        np.testing.assert_array_equal(y, src[f'y_{split}'])
-        xt, yt, classes = load_split_tensors(tmp_path / 'out', split)
+        pos = source_positions(x, src[f'x_{split}'])
+        assert sorted(pos) == list(range(n)) and (pos != np.arange(n)).any() == shuffle  # a permutation of the input
+        np.testing.assert_array_equal(x, src[f'x_{split}'][pos])
+        np.testing.assert_array_equal(y, src[f'y_{split}'][pos])
+        xt, yt, classes = load_split_tensors(tmp_path / 'out', split)  # same samples, same order as timm's reader
         assert xt.dtype == torch.uint8 and xt.shape == (n, 3, 6, 5) and classes == ['a', 'b', 'c']
-        np.testing.assert_array_equal(xt.permute(0, 2, 3, 1).numpy(), src[f'x_{split}'])
-        np.testing.assert_array_equal(yt.numpy(), src[f'y_{split}'])
+        np.testing.assert_array_equal(xt.permute(0, 2, 3, 1).numpy(), x)
+        np.testing.assert_array_equal(yt.numpy(), y)
+        assert torch.equal(split_labels(tmp_path / 'out', split), yt)
+
+
+def class_sorted_npz(path, classes=10, per_class=30, size=(4, 4)):
+    """npz whose train split is sorted by class (as an image folder is), distinct random images."""
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(classes), per_class)
+    x = rng.integers(0, 256, (len(y), *size, 3), dtype=np.uint8)
+    np.savez(path, x_train=x, y_train=y)
+    return x, y
+
+
+def test_shuffle_mixes_classes_and_is_seeded(tmp_path):
+    x, y = class_sorted_npz(tmp_path / 'sorted.npz')
+    kw = dict(shard_size=50)
+    info = convert(tmp_path / 'sorted.npz', tmp_path / 'a', **kw)
+    convert(tmp_path / 'sorted.npz', tmp_path / 'b', **kw)
+    convert(tmp_path / 'sorted.npz', tmp_path / 'c', seed=1, **kw)
+    convert(tmp_path / 'sorted.npz', tmp_path / 'd', shuffle=False, **kw)
+    assert info['shuffle'] is True and len(info['splits']['train']['filenames']) == 6
+    for f in info['splits']['train']['filenames']:  # deterministic from the seed: byte-identical shards
+        assert (tmp_path / 'a' / f).read_bytes() == (tmp_path / 'b' / f).read_bytes()
+    shuffled, seed1, ordered = (load_split_tensors(tmp_path / d, 'train') for d in 'acd')
+    pos = source_positions(shuffled[0].permute(0, 2, 3, 1).numpy(), x)
+    assert sorted(pos) == list(range(len(y))) and torch.equal(shuffled[1], torch.from_numpy(y[pos]))
+    assert not torch.equal(shuffled[1], seed1[1]) and torch.equal(ordered[1], torch.from_numpy(y))
+    # the first shard: every class of a shuffled conversion, one or two of an ordered one
+    first = [len(torch.unique(t[1][:50])) for t in (shuffled, seed1, ordered)]
+    assert first[0] >= 8 and first[1] >= 8 and first[2] == 2
+    # per-class draws keep the same samples with or without the shuffle
+    a = convert(tmp_path / 'sorted.npz', tmp_path / 'e', per_class=5)
+    b = convert(tmp_path / 'sorted.npz', tmp_path / 'f', per_class=5, shuffle=False)
+    xa, xb = (load_split_tensors(tmp_path / d, 'train')[0] for d in 'ef')
+    assert a['splits']['train']['num_samples'] == 50 and not torch.equal(xa, xb)
+    assert sorted(source_positions(xa.permute(0, 2, 3, 1).numpy(), x)) == \
+        sorted(source_positions(xb.permute(0, 2, 3, 1).numpy(), x))
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch + timm: ~10 s on a loaded 2-core machine
+def test_python_m_runs_without_runtime_warning(tmp_path):
+    make_npz(tmp_path / 'toy.npz')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-W', 'error::RuntimeWarning', '-m', 'timm_alps.data',
+                           str(tmp_path / 'toy.npz'), str(tmp_path / 'out'), '--seed', '3'],
+                          capture_output=True, text=True, env=env, cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr
+    assert 'Warning' not in proc.stderr and 'train: 18 samples in 1 shard(s)' in proc.stdout
+    info = read_info(tmp_path / 'out')
+    assert info['shuffle'] is True and info['seed'] == 3
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['--per-class', 'x'], "--per-class: expected an int"),
+    (['--per-class', '0'], 'per_class values must be positive'),
+    (['--seed', '-1'], '--seed: expected an int >= 0'),
+    (['--shard-size', '0'], 'shard_size must be a positive int'),
+    (['--splits', 'train,'], '--splits: expected comma separated split names'),
+    (['--splits', 'valid'], "no arrays 'x_valid'"),
+    (['--name', 'a/b'], 'name must be a non-empty file name part'),
+    (['--format', 'cifar100'], 'cifar-100-python'),
+])
+def test_cli_rejects_bad_arguments(tmp_path, capsys, argv, match):
+    make_npz(tmp_path / 'toy.npz')
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / 'toy.npz'), str(tmp_path / 'out'), *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err and 'Traceback' not in err
+    assert not (tmp_path / 'out' / '_info.json').exists()
 
 
 def test_grayscale_and_cli(tmp_path, capsys):
     src = make_npz(tmp_path / 'gray.npz', channels=1)
-    main([str(tmp_path / 'gray.npz'), str(tmp_path / 'out'), '--splits', 'test', '--name', 'g-ray'])
+    main([str(tmp_path / 'gray.npz'), str(tmp_path / 'out'), '--splits', 'test', '--name', 'g-ray', '--no-shuffle'])
     assert 'test: 9 samples in 1 shard(s)' in capsys.readouterr().out
     info = json.loads((tmp_path / 'out' / '_info.json').read_text())
     assert list(info['splits']) == ['test'] and info['classes'] == ['0', '1', '2']
@@ -66,7 +151,7 @@ def test_grayscale_and_cli(tmp_path, capsys):
 
 def test_per_class_lossless_deterministic(tmp_path):
     src = make_npz(tmp_path / 'toy.npz', n_train=(30, 25, 40), n_test=(10, 10, 10), mask=True)
-    kw = dict(splits=['train', 'test'], per_class=[8, 2], lossless_only=True, shard_size=5, seed=3)
+    kw = dict(splits=['train', 'test'], per_class=[8, 2], lossless_only=True, shard_size=5, seed=3, shuffle=False)
     info = convert(tmp_path / 'toy.npz', tmp_path / 'a', **kw)
     convert(tmp_path / 'toy.npz', tmp_path / 'b', **kw)
     for f in info['splits']['train']['filenames'] + info['splits']['test']['filenames']:
@@ -96,7 +181,7 @@ def test_folder_round_trip(tmp_path):
                 img = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
                 Image.fromarray(img).save(tmp_path / 'src' / split / c / f'{i}.png')
                 expected.setdefault(split, []).append((img, ['cat', 'dog'].index(c)))
-    info = convert(tmp_path / 'src', tmp_path / 'out', name='pets')
+    info = convert(tmp_path / 'src', tmp_path / 'out', name='pets', shuffle=False)
     assert info['format'] == 'folder' and info['classes'] == ['cat', 'dog']
     assert list(info['splits']) == ['train', 'test']
     for split in ('train', 'test'):
@@ -119,7 +204,7 @@ def test_torchvision_cifar_format(tmp_path, monkeypatch):
         data[name] = dict(data=rng.integers(0, 256, (2, 3072), dtype=np.uint8), labels=[int(rng.integers(10)), 9])
         (base / name).write_bytes(pickle.dumps(data[name]))
     (base / 'batches.meta').write_bytes(pickle.dumps({'label_names': [f'c{i}' for i in range(10)]}))
-    info = convert(base, tmp_path / 'out')
+    info = convert(base, tmp_path / 'out', shuffle=False)
     assert info['format'] == 'cifar10' and info['classes'][9] == 'c9'
     x, y, _ = load_split_tensors(tmp_path / 'out', 'train')
     src = np.concatenate([data[f'data_batch_{i}']['data'] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
@@ -157,6 +242,9 @@ def test_convert_errors(tmp_path):
 def test_bundled_subset():
     info = json.loads((BUNDLED_DATA_DIR / '_info.json').read_text())
     assert info['lossless_only'] and info['classes'][0] == 'airplane' and (BUNDLED_DATA_DIR / 'README.md').is_file()
+    assert info == read_info(BUNDLED_DATA_DIR) and info['shuffle'] is False  # source order, already class-mixed
+    assert default_eval_split('wds/cifar10', BUNDLED_DATA_DIR) == 'test'
+    assert shard_image_shape(BUNDLED_DATA_DIR, 'test') == (3, 32, 32)
     assert sum(f.stat().st_size for f in BUNDLED_DATA_DIR.iterdir()) < 12e6
     for split, k in (('train', 400), ('test', 100)):
         assert info['splits'][split]['num_samples'] == 10 * k
@@ -281,3 +369,249 @@ def test_loader_errors():
         InMemoryLoader(x, y[:3], device='cpu')
     with pytest.raises(ValueError, match='padding_mode'):
         InMemoryLoader(x, y, padding_mode='wrap', device='cpu')
+
+
+# -- read_info / default_eval_split ------------------------------------------------------------------------------------
+def write_info(root, info):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / '_info.json').write_text(info if isinstance(info, str) else json.dumps(info))
+    return root
+
+
+GOOD_SPLIT = dict(name='train', num_samples=3, filenames=['x-train-0000.tar'], shard_lengths=[3])
+
+
+@pytest.mark.parametrize('info,match', [
+    ('{"splits": ', 'not valid JSON'),
+    ('\xff\xfe', 'not valid JSON'),
+    ([1, 2], 'must hold a JSON object'),
+    ({'classes': ['a']}, "no 'splits' mapping"),
+    ({'splits': {}}, "no 'splits' mapping"),
+    ({'splits': {'train': dict(GOOD_SPLIT, filenames=[])}}, "'filenames'"),
+    ({'splits': {'train': dict(GOOD_SPLIT, filenames='x.tar')}}, "'filenames'"),
+    ({'splits': {'train': dict(GOOD_SPLIT, num_samples=-1)}}, "'num_samples' >= 0"),
+    ({'splits': {'train': dict(GOOD_SPLIT, num_samples='3')}}, "'num_samples' >= 0"),
+    ({'splits': {'train': dict(GOOD_SPLIT, shard_lengths=[2])}}, "'shard_lengths'"),
+    ({'splits': {'train': GOOD_SPLIT}, 'classes': 'abc'}, "'classes' must be a list"),
+])
+def test_read_info_rejects_invalid_files(tmp_path, info, match):
+    root = write_info(tmp_path / 'd', info)
+    with pytest.raises(ValueError, match=match):
+        read_info(root)
+    with pytest.raises(ValueError, match=match):  # every reader of _info.json goes through read_info
+        load_split_tensors(root, 'train')
+
+
+def test_read_info_missing_and_default_eval_split(tmp_path):
+    assert read_info(tmp_path) is None and read_info(tmp_path / 'nowhere') is None
+    make_npz(tmp_path / 'toy.npz')
+    assert read_info(tmp_path / 'toy.npz') is None
+    assert read_info(write_info(tmp_path / 'ok', {'splits': {'train': GOOD_SPLIT}})) == {'splits': {'train': GOOD_SPLIT}}
+    for splits, expected in ((['train', 'test'], 'test'), (['train', 'val', 'test'], 'val'),
+                             (['test', 'validation'], 'validation'), (['train'], 'validation')):
+        root = write_info(tmp_path / '_'.join(splits), {'splits': {s: dict(GOOD_SPLIT, name=s) for s in splits}})
+        assert default_eval_split('wds/x', root) == expected
+        assert default_eval_split('torch/cifar10', root) == 'test'
+    assert default_eval_split('wds/x', tmp_path / 'nowhere') == 'validation'
+    assert default_eval_split('torch/cifar10', None) == 'test' and default_eval_split('hfds/x', tmp_path) == 'validation'
+    (tmp_path / 'folder' / 'test').mkdir(parents=True)
+    (tmp_path / 'folder' / 'train').mkdir()
+    assert default_eval_split('', tmp_path / 'folder') == 'test'  # timm's own split search skips 'test'
+    (tmp_path / 'folder' / 'val').mkdir()
+    assert default_eval_split(None, tmp_path / 'folder') == 'val'
+    with pytest.raises(ValueError, match='not valid JSON'):
+        default_eval_split('wds/x', write_info(tmp_path / 'bad', '{'))
+
+
+# -- decode_dataset ----------------------------------------------------------------------------------------------------
+def rgb(seed, h=4, w=5):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_decode_dataset_image_types():
+    arrays = [rgb(i) for i in range(4)]
+    expected = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    labels = [2, 0, 1, 2]
+    variants = {
+        'pil': [(Image.fromarray(a), t) for a, t in zip(arrays, labels)],
+        'pil_rgba': [(Image.fromarray(a).convert('RGBA'), t) for a, t in zip(arrays, labels)],
+        'numpy_hwc': [(a, np.int64(t)) for a, t in zip(arrays, labels)],
+        'tensor_chw': [(torch.from_numpy(a).permute(2, 0, 1), torch.tensor(t)) for a, t in zip(arrays, labels)],
+        'tensor_hwc': [(torch.from_numpy(a), t) for a, t in zip(arrays, labels)],
+        'numpy_chw': [(a.transpose(2, 0, 1).copy(), t) for a, t in zip(arrays, labels)],
+    }
+    for kind, ds in variants.items():
+        x, y = decode_dataset(ds)
+        assert x.dtype == torch.uint8 and y.dtype == torch.int64, kind
+        assert torch.equal(x, expected) and y.tolist() == labels, kind
+    x, y = decode_dataset(variants['pil'], indices=torch.tensor([3, 1]))
+    assert torch.equal(x, expected[[3, 1]]) and y.tolist() == [2, 0]
+    x, y = decode_dataset(iter(variants['numpy_hwc']))  # an iterable (streaming) dataset is read in full
+    assert torch.equal(x, expected)
+    # read-only arrays (np.asarray of a PIL image, memory maps) decode without copies or warnings
+    frozen = arrays[0].copy()
+    frozen.flags.writeable = False
+    assert torch.equal(decode_dataset([(frozen, 0)])[0][0], expected[0])
+
+
+def test_decode_dataset_grayscale_channels():
+    gray = [np.random.default_rng(i).integers(0, 256, (4, 5), dtype=np.uint8) for i in range(3)]
+    x, _ = decode_dataset([(Image.fromarray(g), 0) for g in gray])
+    assert x.shape == (3, 1, 4, 5) and torch.equal(x[:, 0], torch.from_numpy(np.stack(gray)))
+    x1, _ = decode_dataset([(Image.fromarray(g).convert('1'), 0) for g in gray])
+    assert x1.shape == (3, 1, 4, 5) and set(x1.unique().tolist()) <= {0, 255}
+    assert decode_dataset([(torch.from_numpy(g)[None], 0) for g in gray])[0].shape == (3, 1, 4, 5)
+    # grayscale among RGB, before and after the first RGB image: all become 3 equal channels
+    mixed = [(gray[0], 0), (Image.fromarray(rgb(7)), 1), (Image.fromarray(gray[1]), 2), (gray[2][..., None], 0)]
+    x, y = decode_dataset(mixed)
+    assert x.shape == (4, 3, 4, 5) and y.tolist() == [0, 1, 2, 0]
+    for i, g in ((0, gray[0]), (2, gray[1]), (3, gray[2])):
+        assert torch.equal(x[i], torch.from_numpy(g).expand(3, 4, 5))
+    assert torch.equal(x[1], torch.from_numpy(rgb(7)).permute(2, 0, 1))
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize('items,indices,error,match', [
+    ([(rgb(0).astype(np.float32) / 255, 0)], None, TypeError, 'sample 0 of Pairs: image is a float32 numpy array'),
+    ([(torch.rand(3, 4, 5), 0)], None, TypeError, 'float32 tensor.*without a transform'),
+    ([(rgb(0), 0), ('cat.png', 1)], None, TypeError, 'sample 1 of Pairs: image is a str'),
+    ([(rgb(0), 0), rgb(1)], None, TypeError, r'sample 1 of Pairs: expected an \(image, label\) pair'),
+    ([(rgb(0), 0.5)], None, TypeError, 'sample 0 of Pairs: label must be an integer'),
+    ([(rgb(0), True)], None, TypeError, 'label must be an integer'),
+    ([(rgb(0), torch.tensor([0., 1.]))], None, TypeError, 'one-hot'),
+    ([(rgb(0), -1)], None, ValueError, 'sample 0 of Pairs: label -1 is negative'),
+    ([(rgb(0), 0), (rgb(1, h=6), 1)], None, ValueError, 'sample 1 of Pairs is 6x5 but sample 0 of Pairs is 4x5'),
+    ([(np.zeros((4, 5, 4), np.uint8), 0)], None, ValueError, 'no channel axis of size 1 or 3'),
+    ([(np.zeros((2, 4, 5, 3), np.uint8), 0)], None, ValueError, r'shape \(2, 4, 5, 3\)'),
+    ([(Image.new('I;16', (5, 4)), 0)], None, ValueError, "mode 'I;16' has more than 8 bits"),
+    ([], None, ValueError, 'holds no sample'),
+    ([(rgb(0), 0)], [1], ValueError, r'indices holds 1, outside \[0, 1\)'),
+    ([(rgb(0), 0)], [-1], ValueError, 'outside'),
+    ([(rgb(0), 0)], [0.5], TypeError, 'integer indices'),
+    ([(rgb(0), 0)], [], ValueError, 'indices is empty'),
+])
+def test_decode_dataset_errors(items, indices, error, match):
+    with pytest.raises(error, match=match):
+        decode_dataset(Pairs(items), indices)
+
+
+def test_decode_dataset_iterable_rejects_indices():
+    with pytest.raises(TypeError, match='cannot be indexed'):
+        decode_dataset(iter([(rgb(0), 0)]), [0])
+    with pytest.raises(TypeError, match='dataset of \\(image, label\\) samples'):
+        decode_dataset(3)
+
+
+def test_decode_timm_folder_dataset_and_labels(tmp_path):
+    for c, n in (('cat', 3), ('dog', 2)):
+        (tmp_path / c).mkdir()
+        for i in range(n):
+            Image.fromarray(rgb(10 * n + i)).save(tmp_path / c / f'{i}.png')
+    ds = create_dataset('', root=str(tmp_path), split='train')
+    labels = dataset_labels(ds)
+    assert labels.tolist() == [0, 0, 0, 1, 1]
+    x, y = decode_dataset(ds, subset_indices(len(ds), 2, seed=0, labels=labels))
+    assert x.shape == (2, 3, 4, 5) and sorted(y.tolist()) == [0, 1]
+    loader = InMemoryLoader.from_dataset(ds, indices=[4, 0], is_training=False, device='cpu', batch_size=8)
+    assert loader.dataset_size == 2 and torch.equal(next(iter(loader))[1], torch.tensor([1, 0]))
+    assert dataset_labels(torch.utils.data.Subset(ds, [4, 1])).tolist() == [1, 0]
+    ds.target_transform = lambda t: 1 - t  # labels only known after the transform
+    assert dataset_labels(ds) is None and dataset_labels(Pairs([])) is None
+
+    class Targets(Pairs):
+        targets = [0, 1]
+    assert dataset_labels(Targets([(rgb(0), 0), (rgb(1), 1)])).tolist() == [0, 1]
+    assert dataset_labels(Targets([(rgb(0), 0)])) is None  # targets that do not match the length are not trusted
+
+
+# -- subset_indices / max_samples --------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(0, 30), min_size=1, max_size=8), k=st.integers(1, 150), seed=st.integers(0, 2 ** 32),
+       shuffle_seed=st.integers(0, 100))
+def test_subset_indices_properties(counts, k, seed, shuffle_seed):
+    labels = np.random.default_rng(shuffle_seed).permutation(np.repeat(np.arange(len(counts)), counts))
+    n = len(labels)
+    for lab in (None, labels, torch.from_numpy(labels), labels.tolist()):
+        idx = subset_indices(n, k, seed, labels=lab)
+        assert idx.dtype == torch.int64 and len(idx) == min(k, n)
+        assert torch.equal(idx, idx.sort().values) and len(idx.unique()) == len(idx)
+        assert len(idx) == 0 or (0 <= idx.min() and idx.max() < n)
+        assert torch.equal(idx, subset_indices(n, k, seed, labels=lab))  # seeded: the same draw again
+    idx = subset_indices(n, k, seed, labels=labels)
+    got = np.bincount(labels[idx.numpy()], minlength=len(counts))
+    # as equal as possible: a class gets fewer than another's count - 1 only when it gave all its samples
+    for c in range(len(counts)):
+        assert got[c] <= counts[c]
+        assert got[c] == counts[c] or got[c] >= got.max() - 1
+
+
+def test_subset_indices_draws_and_errors():
+    labels = np.repeat(np.arange(4), [50, 3, 50, 50])
+    idx = subset_indices(len(labels), 40, seed=0, labels=labels)
+    counts = np.bincount(labels[idx.numpy()]).tolist()
+    assert counts[1] == 3 and sorted(counts) == [3, 12, 12, 13]  # the small class gives all, the rest share 37
+    draws = {tuple(subset_indices(153, 40, seed=s, labels=labels).tolist()) for s in range(5)}
+    assert len(draws) == 5  # a different seed, a different subset
+    assert torch.equal(subset_indices(10, 10, 0), torch.arange(10)) and torch.equal(subset_indices(10, 99, 0),
+                                                                                    torch.arange(10))
+    assert len(subset_indices(0, 3, 0)) == 0
+    for bad in (dict(n=-1, k=3), dict(n=10, k=0), dict(n=10, k=-2), dict(n=10, k=2.5), dict(n=10, k=True),
+                dict(n=10.0, k=3)):
+        with pytest.raises(ValueError, match='must be an int >= '):
+            subset_indices(seed=0, **bad)
+    with pytest.raises(ValueError, match='seed must be an int'):
+        subset_indices(10, 3, seed=0.5)
+    with pytest.raises(ValueError, match='labels must be 10 integer class indices'):
+        subset_indices(10, 3, 0, labels=np.zeros(9, np.int64))
+    with pytest.raises(ValueError, match='labels must be 10 integer class indices'):
+        subset_indices(10, 3, 0, labels=np.zeros(10))
+
+
+def test_load_split_tensors_max_samples(tmp_path):
+    src = make_npz(tmp_path / 'toy.npz', n_train=(20, 20, 5), size=(4, 4))
+    convert(tmp_path / 'toy.npz', tmp_path / 'out', shard_size=7, compress=True)
+    full_x, full_y, _ = load_split_tensors(tmp_path / 'out', 'train')
+    for source in (tmp_path / 'out', tmp_path / 'toy.npz'):
+        x, y, _ = load_split_tensors(source, 'train', max_samples=20, seed=4)
+        assert len(y) == 20 and sorted(np.bincount(y.numpy()).tolist()) == [5, 7, 8]
+        again = load_split_tensors(source, 'train', max_samples=20, seed=4)
+        assert torch.equal(x, again[0]) and torch.equal(y, again[1])
+        assert not torch.equal(y, load_split_tensors(source, 'train', max_samples=20, seed=5)[1]) or \
+            not torch.equal(x, load_split_tensors(source, 'train', max_samples=20, seed=5)[0])
+        # a subset of the split's own samples, in the split's order, labels kept with their images
+        ref_x = full_x if source.is_dir() else torch.from_numpy(src['x_train']).permute(0, 3, 1, 2)
+        ref_y = full_y if source.is_dir() else torch.from_numpy(src['y_train'])
+        pos = source_positions(x.permute(0, 2, 3, 1).numpy(), ref_x.permute(0, 2, 3, 1).numpy())
+        assert list(pos) == sorted(pos) and torch.equal(ref_y[pos], y)
+        assert torch.equal(load_split_tensors(source, 'train', max_samples=1000)[1], ref_y)
+        with pytest.raises(ValueError, match='max_samples must be an int >= 1'):
+            load_split_tensors(source, 'train', max_samples=0)
+    loader = InMemoryLoader.from_path(tmp_path / 'out', 'train', max_samples=9, seed=1, device='cpu')
+    assert loader.dataset_size == 9 and torch.bincount(loader._targets).tolist() == [3, 3, 3]
+
+
+def test_shards_with_missing_members(tmp_path):
+    convert(make_npz(tmp_path / 'toy.npz') and tmp_path / 'toy.npz', tmp_path / 'out', splits=['test'])
+    info = read_info(tmp_path / 'out')
+    shard = tmp_path / 'out' / info['splits']['test']['filenames'][0]
+    import tarfile
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(shard, 'w') as tar:
+        for m, data in members[:-1]:  # drop the last sample's .cls
+            import io
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(ValueError, match='lacks an image or a .cls entry'):
+        load_split_tensors(tmp_path / 'out', 'test')
+    with pytest.raises(ValueError, match="Split 'nope' not in"):
+        load_split_tensors(tmp_path / 'out', 'nope')
