@@ -1,11 +1,14 @@
-""" Robustness benchmark: the ALPS paper's Tables 5-6 protocol plus APGD-CE and a gradient-masking check
+""" Robustness benchmark: the ALPS paper's Tables 5-6 protocol plus APGD-CE, AutoAttack and a gradient-masking check
 
-Top-1 test error (%) of each checkpoint, clean and under L-infinity attacks in pixel space:
+Top-1 test error (%) of each checkpoint, clean and under attacks in pixel space:
 FGSM, PGD-10 (step eps/4, i.e. the paper's 1/255 at 4/255), APGD-CE (Croce & Hein, 2020), white-box (crafted on the
 model itself) and black-box (crafted once on `--source`, the paper's ERM model, and shown to every model), for each
-radius of the eps grid; plus accuracy under unbounded PGD (eps = inf, 200 steps of 0.01), which must fall to ~0%
-unless gradients are masked. Writes robustness.md (tables laid out like the paper's, its CIFAR figures alongside),
-robustness.csv (one row per method and eps) and robustness.png (error against eps per method).
+radius of the eps grid; AutoAttack's standard version (`--attacks ... autoattack`, L-inf or `--norm L2`; needs
+`pip install "timm-alps[robustness]"`) with its sanity flags; plus accuracy under unbounded PGD (eps = inf, 200 steps
+of 0.01), which must fall to ~0% unless gradients are masked. Writes robustness.md (tables laid out like the
+paper's, its CIFAR figures alongside), robustness.csv (one row per method and eps), robustness.json (RobustBench-style
+fields per model: clean_acc, autoattack_acc, eps, threat_model, n_examples, every attack's accuracy, the flags, the
+checkpoint and the command) and robustness.png (error against eps per method).
 
     python -m benchmarks.robustness output/train/erm/model_best.pth.tar output/train/alps/model_best.pth.tar \\
         --source output/train/erm_seed1/model_best.pth.tar --output benchmarks/results/robustness
@@ -16,7 +19,9 @@ Data: the bundled CIFAR-10 test subset by default; `--data-dir` (shards from `py
 """
 import argparse
 import csv
+import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -34,8 +39,12 @@ from timm_alps.attacks import (
     UNBOUNDED_MAX_ACCURACY, apgd_ce, evaluate_robustness, fgsm, gradient_masking_suspected, load_checkpoint_model,
     pgd, unbounded_pgd,
 )
+from timm_alps.autoattack import NORMS, STANDARD_ATTACKS, AutoAttack
 
-ATTACKS = ('fgsm', 'pgd', 'apgd', 'unbounded')
+ATTACKS = ('fgsm', 'pgd', 'apgd', 'autoattack', 'unbounded')
+DEFAULT_ATTACKS = ('fgsm', 'pgd', 'apgd', 'unbounded')  # AutoAttack is opt-in: it costs minutes per 100 images on CPU
+LINF_ONLY = ('fgsm', 'pgd', 'apgd')
+ROBUSTBENCH_EPS = {'Linf': 8 / 255, 'L2': 0.5}  # the radius RobustBench reports on CIFAR
 TRANSFERABLE = ('fgsm', 'pgd')  # the paper's black-box attacks
 PAPER_EPS = 4 / 255
 
@@ -60,6 +69,7 @@ COLUMNS = (
     ('pgd', '{pgd} white-box', 'white-box', 'pgd'),
     ('bb_pgd', '{pgd} black-box', 'black-box', 'pgd'),
     ('apgd', 'APGD-CE white-box', 'white-box', 'apgd'),
+    ('autoattack', 'AutoAttack white-box', 'white-box', 'autoattack'),
 )
 
 
@@ -69,10 +79,12 @@ def parse_eps(text: str) -> float:
         value = float(Fraction(text)) if '/' in text else float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f'eps {text!r} is not a number or a fraction like 4/255')
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(f'eps must be >= 0 (pixel units, e.g. 4/255), got {text!r}')
-    if math.isinf(value):
+    if math.isinf(value) and value > 0:
         raise argparse.ArgumentTypeError('eps=inf belongs to the unbounded check (--attacks unbounded), not the grid')
+    if not 0 <= value <= 1:  # also NaN
+        hint = f'; did you mean {text}/255?' if 1 < value <= 255 else ''
+        raise argparse.ArgumentTypeError(
+            f'eps must be >= 0 and <= 1 (pixel units in [0, 1], e.g. 4/255), got {text!r}{hint}')
     return value
 
 
@@ -154,7 +166,14 @@ def _load_timm_dataset(name: str, root: Optional[str], split: str) -> Tuple[torc
     from timm.data import create_dataset
     if root is None:
         raise ValueError(f'--dataset {name} needs --data-root (where the data set lives)')
-    dataset = create_dataset(name, root=root, split=split, download=False)
+    if not Path(root).exists():
+        raise ValueError(f'--data-root {root!r} does not exist (for --dataset {name})')
+    try:
+        dataset = create_dataset(name, root=root, split=split, download=False)
+    except Exception as e:  # timm/torchvision raise RuntimeError, FileNotFoundError, KeyError... for the same mistake
+        raise ValueError(f'--dataset {name!r} split {split!r} could not be opened under --data-root {root!r} '
+                         f'({type(e).__name__}: {e}); check the name (e.g. torch/cifar10, wds/NAME) and the '
+                         'folder (nothing is downloaded)') from e
     images, labels = [], []
     for img, target in dataset:
         arr = np.asarray(img.convert('RGB') if hasattr(img, 'convert') else img)
@@ -182,7 +201,8 @@ class Batches:
 
 
 def build_attacks(args, device: torch.device):
-    """White-box and transfer attack functions keyed '<attack>@<eps label>' (and 'unbounded')."""
+    """White-box and transfer attack functions keyed '<attack>@<eps label>' (and 'unbounded'); the AutoAttack
+    instances keep each model's per-attack totals and flags."""
     white, transfer = {}, {}
     gen = torch.Generator(device=device).manual_seed(args.seed)
     for eps in args.eps:
@@ -194,6 +214,9 @@ def build_attacks(args, device: torch.device):
             'apgd': partial(apgd_ce, eps=eps, steps=args.apgd_steps, n_restarts=args.apgd_restarts,
                             generator=gen),
         }
+        if 'autoattack' in args.attacks:
+            fns['autoattack'] = AutoAttack(eps, norm=args.norm, steps=args.autoattack_steps,
+                                           n_queries=args.autoattack_queries, seed=args.seed)
         for name, fn in fns.items():
             if name in args.attacks:
                 white[f'{name}@{label}'] = fn
@@ -210,7 +233,13 @@ def _paper_table(choice: str, num_classes: int) -> Optional[str]:
     return None if choice == 'none' else choice
 
 
-def rows_from_result(result, names, paths, args, paper: Optional[str]) -> List[Dict[str, object]]:
+def autoattack_is_standard(args) -> bool:
+    return args.autoattack_steps == 100 and args.autoattack_queries == 5000
+
+
+def rows_from_result(result, names, paths, args, paper: Optional[str], models=None,
+                     white=None) -> List[Dict[str, object]]:
+    """One row per method and eps: errors (%), the unbounded check, AutoAttack's per-attack accuracies and flags."""
     rows = []
     paper_protocol = args.pgd_steps == 10 and abs(args.pgd_step_ratio - 0.25) < 1e-9 and not args.pgd_random_start
     for name, path in zip(names, paths):
@@ -224,6 +253,13 @@ def rows_from_result(result, names, paths, args, paper: Optional[str]) -> List[D
             for key, _, prefix, attack in COLUMNS:
                 setting = 'clean' if prefix is None else f'{prefix}/{attack}@{label}'
                 row[f'{key}_err'] = _fmt(errors.get(setting))
+            aa = white.get(f'autoattack@{label}') if white else None
+            aa_result = aa.result(models[names.index(name)]) if aa is not None else None
+            for attack in STANDARD_ATTACKS:
+                row[f'aa_{attack}_acc'] = _fmt(aa_result.acc_after(attack) if aa_result else None)
+            for flag in ('randomized', 'zero_gradients', 'square_stronger'):
+                value = aa_result.flags[flag] if aa_result else None
+                row[f'aa_{flag}'] = '' if value is None else str(value).lower()
             row['unbounded_acc'] = _fmt(None if unbounded is None else 100.0 - unbounded)
             row['gradient_masking'] = '' if unbounded is None else str(
                 gradient_masking_suspected(100.0 - unbounded, args.masking_threshold)).lower()
@@ -259,7 +295,9 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
              f'- Attacks in pixel space [0, 1], L-infinity, fp32, models in eval mode. FGSM; {pgd_name} with step '
              f'{args.pgd_step_ratio:g} x eps{" and random start" if args.pgd_random_start else ", no random start"} '
              f'(keeps each sample\'s highest-loss iterate); APGD-CE {args.apgd_steps} steps, '
-             f'{args.apgd_restarts} restart(s).',
+             f'{args.apgd_restarts} restart(s).' + (
+                 f' AutoAttack ({_autoattack_desc(args)}): APGD-CE, APGD-T, FAB-T, Square, each on the images the '
+                 f'previous ones left robust; norm {args.norm}.' if 'autoattack' in args.attacks else ''),
              '- Black-box: ' + (f'examples crafted once on **{meta["source"]}** (`{args.source}`) and shown to every '
                                 'model.' if args.source else 'not run (no --source).'),
              '- Cells: top-1 test error (%), lower is better; best per column in bold.']
@@ -295,6 +333,21 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
                     cell += f' ({r[f"paper_{key}_err"]})'
                 cells.append(cell)
             lines.append('| ' + ' | '.join(cells) + ' |')
+    if 'autoattack' in args.attacks:
+        lines += ['', f'## AutoAttack ({_autoattack_desc(args)}, {args.norm}): robust accuracy (%) after each attack '
+                      'and the sanity flags', '',
+                  'Cumulative: each attack runs on the images still robust after the previous ones (the last column '
+                  'before the flags is AutoAttack\'s robust accuracy). Flags as in the reference checks: '
+                  '*randomized* = two forward passes differ; *zero grad.* = clean-correct images with an all-zero '
+                  'input gradient; *Square stronger* = the black-box Square broke > 0.2% of the images the '
+                  'white-box attacks left robust. Any flag means the white-box numbers may flatter the model.', '',
+                  '| Method | eps | Clean acc. | APGD-CE | APGD-T | FAB-T | Square | randomized | zero grad. | '
+                  'Square stronger |', '|---|---|---|---|---|---|---|---|---|---|']
+        for r in rows:
+            accs = [r[f'aa_{a}_acc'] or 'n/a' for a in STANDARD_ATTACKS]
+            clean = _fmt(100.0 - float(r['clean_err'])) if r['clean_err'] != '' else 'n/a'
+            lines.append(f'| {r["method"]} | {r["eps_label"]} | {clean} | ' + ' | '.join(accs) + ' | '
+                         f'{r["aa_randomized"]} | {r["aa_zero_gradients"]} | {r["aa_square_stronger"]} |')
     if 'unbounded' in args.attacks:
         lines += ['', f'## Unbounded PGD sanity check (eps = inf, {args.unbounded_steps} steps of '
                       f'{args.unbounded_step_size:g})', '',
@@ -307,8 +360,72 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
                 verdict = 'gradient masking suspected' if r['gradient_masking'] == 'true' else 'ok'
                 lines.append(f'| {r["method"]} | {r["unbounded_acc"]} | {verdict} |')
     lines += ['', 'Files: `robustness.csv` (one row per method and eps, paper figures in `paper_*` columns), '
-                  '`robustness.png` (error against eps).', '']
+                  '`robustness.json` (RobustBench-style fields per model), `robustness.png` (error against eps).', '']
     path.write_text('\n'.join(lines))
+
+
+def _autoattack_desc(args) -> str:
+    if autoattack_is_standard(args):
+        return 'standard version: 100 iterations, 9 targets, Square 5,000 queries'
+    return (f'NOT the standard version: {args.autoattack_steps} iterations, Square {args.autoattack_queries} '
+            'queries')
+
+
+def _acc(err: str) -> Optional[float]:
+    return None if err == '' else round(100.0 - float(err), 2)
+
+
+def write_json(rows, path: Path, args, meta: Dict[str, str]) -> None:
+    """RobustBench-style summary: per model `clean_acc`, `autoattack_acc`, `eps`, `threat_model`, `n_examples` at the
+    RobustBench radius (8/255 L-inf, 0.5 L2) when it is in the grid, else the largest; every eps under `results`."""
+    models = []
+    for method in dict.fromkeys(r['method'] for r in rows):
+        sub = [r for r in rows if r['method'] == method]
+        target = ROBUSTBENCH_EPS[args.norm]
+        main_row = min(sub, key=lambda r: (abs(float(r['eps']) - target) > 1e-9, -float(r['eps'])))
+        results = []
+        for r in sub:
+            entry = {'eps': float(r['eps']), 'eps_label': r['eps_label']}
+            for key, _, prefix, attack in COLUMNS:
+                if key != 'clean':
+                    entry[f'{key}_acc'] = _acc(r[f'{key}_err'])
+            entry['autoattack_acc_after'] = {a: float(r[f'aa_{a}_acc']) for a in STANDARD_ATTACKS
+                                             if r[f'aa_{a}_acc'] != ''}
+            entry['flags'] = {f: (int(r[f'aa_{f}']) if f == 'zero_gradients' else r[f'aa_{f}'] == 'true')
+                              for f in ('randomized', 'zero_gradients', 'square_stronger') if r[f'aa_{f}'] != ''}
+            results.append(entry)
+        main = next(e for e in results if e['eps_label'] == main_row['eps_label'])
+        unbounded = None if main_row['unbounded_acc'] == '' else float(main_row['unbounded_acc'])
+        flags = dict(main['flags'])
+        if unbounded is not None:
+            flags['gradient_masking_unbounded_pgd'] = main_row['gradient_masking'] == 'true'
+        models.append({
+            'name': method, 'checkpoint': main_row['checkpoint'], 'paper_method': paper_method(method),
+            'clean_acc': _acc(main_row['clean_err']), 'autoattack_acc': main['autoattack_acc'],
+            'eps': main['eps'], 'eps_label': main['eps_label'],
+            'threat_model': args.norm if 'autoattack' in args.attacks else 'Linf',
+            'n_examples': int(main_row['num_samples']),
+            'unbounded_pgd_acc': unbounded, 'flags': flags, 'results': results})
+    doc = {
+        'command': meta['command'], 'data': meta['data'], 'n_examples': int(meta['num_samples']),
+        'device': meta['device'], 'torch': torch.__version__, 'wall': meta['wall'],
+        'source': args.source, 'source_name': meta['source'] or None,
+        'autoattack': ({'version': 'standard' if autoattack_is_standard(args) else 'custom',
+                        'attacks': list(STANDARD_ATTACKS), 'norm': args.norm, 'steps': args.autoattack_steps,
+                        'n_queries': args.autoattack_queries, 'n_target_classes': 9, 'seed': args.seed,
+                        'implementation': _torchattacks_version()}
+                       if 'autoattack' in args.attacks else None),
+        'models': models,
+    }
+    path.write_text(json.dumps(doc, indent=1) + '\n')
+
+
+def _torchattacks_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f'torchattacks {version("torchattacks")}'
+    except PackageNotFoundError:
+        return 'torchattacks (version unknown)'
 
 
 def _is_source(row, args) -> bool:
@@ -361,9 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--split', default='test', help='split to evaluate')
     data.add_argument('--max-samples', type=int, default=None, help='first N images, class-balanced')
     atk = p.add_argument_group('attacks')
-    atk.add_argument('--attacks', nargs='+', choices=ATTACKS, default=list(ATTACKS))
+    atk.add_argument('--attacks', nargs='+', choices=ATTACKS, default=list(DEFAULT_ATTACKS),
+                     help='autoattack (the standard version) needs `pip install "timm-alps[robustness]"`')
     atk.add_argument('--eps', nargs='+', type=parse_eps, default=[2 / 255, 4 / 255, 8 / 255],
-                     help='L-infinity radii in pixel units, e.g. 2/255 4/255 8/255')
+                     help='radii in [0, 1] pixel units, e.g. 2/255 4/255 8/255 (L-inf; with --norm L2, e.g. 0.5)')
+    atk.add_argument('--norm', choices=NORMS, default='Linf',
+                     help='threat model of AutoAttack (FGSM, PGD and APGD-CE here are L-inf only)')
+    atk.add_argument('--autoattack-steps', type=int, default=100,
+                     help='iterations of APGD-CE, APGD-T and FAB-T inside AutoAttack (standard: 100)')
+    atk.add_argument('--autoattack-queries', type=int, default=5000, help='Square queries (standard: 5000)')
     atk.add_argument('--pgd-steps', type=int, default=10)
     atk.add_argument('--pgd-step-ratio', type=float, default=0.25,
                      help='PGD step as a fraction of eps (0.25: the paper\'s 1/255 at 4/255)')
@@ -386,22 +509,85 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args) -> None:
+    """Every flag checked before anything is loaded or attacked; each error names the flag and the value."""
     if args.names is not None and len(args.names) != len(args.checkpoints):
         raise ValueError(f'--names gives {len(args.names)} names for {len(args.checkpoints)} checkpoints')
-    for name in ('batch_size', 'pgd_steps', 'apgd_steps', 'apgd_restarts', 'unbounded_steps'):
+    if args.names is not None and not all(n.strip() for n in args.names):
+        raise ValueError(f'--names must be non-empty, got {args.names}')
+    for name in ('batch_size', 'pgd_steps', 'apgd_steps', 'apgd_restarts', 'unbounded_steps', 'autoattack_steps',
+                 'autoattack_queries'):
         if getattr(args, name) < 1:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ValueError(f'--max-samples must be >= 1, got {args.max_samples}')
-    if not args.pgd_step_ratio > 0 or not args.unbounded_step_size > 0:
-        raise ValueError('--pgd-step-ratio and --unbounded-step-size must be > 0')
+    for name in ('max_samples', 'num_classes'):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {value}')
+    for name in ('pgd_step_ratio', 'unbounded_step_size'):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f'--{name.replace("_", "-")} must be a finite number > 0, got {value}')
+    if not 0 <= args.masking_threshold <= 100:  # also NaN
+        raise ValueError(f'--masking-threshold is an accuracy in %: it must lie in [0, 100], got '
+                         f'{args.masking_threshold}')
+    if args.seed < 0:
+        raise ValueError(f'--seed must be >= 0, got {args.seed}')
+    if not args.split.strip():
+        raise ValueError('--split must name a split, e.g. test')
+    if len(set(args.eps)) != len(args.eps):
+        raise ValueError(f'--eps lists a radius twice: {[eps_label(e) for e in args.eps]}')
+    if args.norm == 'L2':
+        linf = [a for a in args.attacks if a in LINF_ONLY]
+        if linf:
+            raise ValueError(f'--norm L2 applies to AutoAttack only; {", ".join(linf)} here are L-inf attacks: '
+                             'run them in a separate call, or pass --attacks autoattack [unbounded]')
+    if 'autoattack' in args.attacks:
+        from timm_alps.autoattack import _torchattacks
+        try:
+            _torchattacks()
+        except ImportError as e:
+            raise ValueError(str(e)) from e
+    check_device(args.device)
+
+
+def check_device(text: str) -> torch.device:
+    """torch.device(text), refused when it is not a device name or this machine does not have it."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f'--device {text!r} is not a device name (e.g. cpu, cuda, cuda:1)') from e
+    if device.type == 'cpu':
+        return device
+    backend = getattr(torch, device.type, None) if device.type != 'mps' else getattr(torch.backends, 'mps', None)
+    available = bool(backend is not None and hasattr(backend, 'is_available') and backend.is_available())
+    if not available:
+        raise ValueError(f'--device {text!r}: no {device.type} device is available on this machine; use --device cpu')
+    count = getattr(backend, 'device_count', lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f'--device {text!r}: this machine has {count} {device.type} device(s)')
+    return device
+
+
+def prepare_output(folder: str) -> Path:
+    """Create `folder` and prove it writable, before any attack runs (a failure after an hour of attacks is lost)."""
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'--output {folder!r} is a file, not a folder')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f'.write-test-{os.getpid()}'
+        probe.write_text('')
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f'--output {folder!r} cannot be written ({e.strerror or e}); pick another folder') from e
+    return out
 
 
 def run(args, argv: Sequence[str]) -> Dict[str, Path]:
     """Evaluate, write robustness.md / .csv / .png under `args.output`, return their paths."""
     _validate(args)
+    out = prepare_output(args.output)
     start = time.perf_counter()
-    device = torch.device(args.device)
+    device = check_device(args.device)
     load = partial(load_checkpoint_model, device=device, use_ema=args.ema, model_name=args.model,
                    num_classes=args.num_classes)
     models = [load(path) for path in args.checkpoints]
@@ -418,10 +604,9 @@ def run(args, argv: Sequence[str]) -> Dict[str, Path]:
         source=source, transfer_attacks=transfer or None, progress=False if args.no_progress else None)
 
     paper = _paper_table(args.paper, models[0].num_classes)
-    rows = rows_from_result(result, names, list(args.checkpoints), args, paper)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {'md': out / 'robustness.md', 'csv': out / 'robustness.csv', 'png': out / 'robustness.png'}
+    rows = rows_from_result(result, names, list(args.checkpoints), args, paper, models=models, white=white)
+    paths = {'md': out / 'robustness.md', 'csv': out / 'robustness.csv', 'json': out / 'robustness.json',
+             'png': out / 'robustness.png'}
     meta = {
         'command': 'python -m benchmarks.robustness ' + ' '.join(shlex.quote(a) for a in argv),
         'data': desc, 'num_samples': str(result.num_samples), 'device': str(device),
@@ -430,6 +615,7 @@ def run(args, argv: Sequence[str]) -> Dict[str, Path]:
     }
     write_csv(rows, paths['csv'])
     write_markdown(rows, paths['md'], args, meta, paper)
+    write_json(rows, paths['json'], args, meta)
     write_plot(rows, paths['png'], args)
     return paths
 

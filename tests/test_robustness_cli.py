@@ -1,5 +1,6 @@
 """Tests for `python -m benchmarks.robustness`: outputs, table layout, paper figures, one-pass black-box, bad input."""
 import argparse
+import os
 import csv
 import subprocess
 import sys
@@ -241,3 +242,88 @@ def test_bundled_data_default_and_timm_wds_reader_agree(files):
     assert a['num_samples'] == b['num_samples'] == '20'
     assert (a['clean_err'], a['fgsm_err']) == (b['clean_err'], b['fgsm_err'])
     assert 'bundled CIFAR-10 subset split \'test\'' in (files['root'] / 'bundled' / 'robustness.md').read_text()
+
+
+AA_FAST = ['--autoattack-steps', '3', '--autoattack-queries', '20']
+
+
+def test_cli_autoattack_report_json_table_plot(files):
+    pytest.importorskip('torchattacks')
+    import json
+    out = files['root'] / 'aa'
+    argv = [str(files['ten']), '--names', 'erm', '--max-samples', '20', '--eps', '4/255', '8/255',
+            '--attacks', 'fgsm', 'autoattack', 'unbounded', '--output', str(out)] + FAST + AA_FAST
+    paths = bench.main(argv)
+    doc = json.loads(paths['json'].read_text())
+    model, = doc['models']
+    rows = {r['eps_label']: r for r in _read_csv(paths['csv'])}
+    # RobustBench fields at 8/255, and every other attack per eps
+    assert (model['eps_label'], model['threat_model'], model['n_examples']) == ('8/255', 'Linf', 20)
+    assert model['clean_acc'] == pytest.approx(100 - float(rows['8/255']['clean_err']))
+    assert model['autoattack_acc'] == pytest.approx(100 - float(rows['8/255']['autoattack_err']))
+    assert model['checkpoint'] == str(files['ten']) and 'autoattack' in doc['command']
+    assert set(model['flags']) == {'randomized', 'zero_gradients', 'square_stronger', 'gradient_masking_unbounded_pgd'}
+    by_eps = {r['eps_label']: r for r in model['results']}
+    assert by_eps['4/255']['fgsm_acc'] == pytest.approx(100 - float(rows['4/255']['fgsm_err']))
+    after = by_eps['8/255']['autoattack_acc_after']
+    assert list(after) == ['apgd-ce', 'apgd-t', 'fab-t', 'square'] and after['square'] == model['autoattack_acc']
+    assert doc['autoattack']['version'] == 'custom'  # 3 iterations: not the standard version, and it says so
+    md = paths['md'].read_text()
+    assert 'AutoAttack white-box' in md and 'NOT the standard version' in md and 'Square stronger' in md
+    assert paths['png'].stat().st_size > 1000
+
+
+def test_bad_input_of_every_kind(files, capsys, tmp_path):
+    base = ['--npz', str(files['npz']), '--output', str(tmp_path), '--attacks', 'fgsm'] + FAST
+    erm = str(files['erm'])
+    _fails([erm, '--eps', '4'] + base, capsys, 'did you mean 4/255')
+    _fails([erm, '--eps', 'nan'] + base, capsys, 'eps must be >= 0 and <= 1')
+    _fails([erm, '--eps', '4/255', '4/255'] + base, capsys, 'twice')
+    for flag, value, match in (('--pgd-step-ratio', 'nan', '--pgd-step-ratio'), ('--pgd-step-ratio', 'inf', 'finite'),
+                               ('--unbounded-step-size', '-1', '--unbounded-step-size'),
+                               ('--masking-threshold', '150', '--masking-threshold'),
+                               ('--masking-threshold', 'nan', '--masking-threshold'),
+                               ('--seed', '-3', '--seed'), ('--max-samples', '0', '--max-samples'),
+                               ('--num-classes', '0', '--num-classes'), ('--batch-size', '0', '--batch-size'),
+                               ('--autoattack-queries', '0', '--autoattack-queries'),
+                               ('--device', 'warp9', "--device 'warp9'"), ('--device', 'cuda:99', '--device')):
+        if flag == '--device' and value == 'cuda:99' and torch.cuda.device_count() > 99:
+            continue
+        _fails([erm] + base + [flag, value], capsys, match)
+    if not torch.cuda.is_available():
+        _fails([erm, '--device', 'cuda'] + base, capsys, 'no cuda device is available')
+    _fails([erm, '--norm', 'L2', '--attacks', 'fgsm', 'autoattack'] + base[:4] + FAST, capsys,
+           '--norm L2 applies to AutoAttack only')
+    # a file that is not a checkpoint, whatever its bytes
+    for i, content in enumerate((b'e' * 100, b'hello world', b'')):
+        bad = tmp_path / f'notes{i}.pth.tar'
+        bad.write_bytes(content)
+        _fails([str(bad)] + base, capsys, 'cannot read checkpoint')
+    # a timm dataset that is not there
+    _fails([erm, '--dataset', 'torch/cifar10', '--data-root', str(tmp_path), '--attacks', 'fgsm',
+            '--output', str(tmp_path)] + FAST, capsys, "--dataset 'torch/cifar10'")
+    _fails([erm, '--dataset', 'torch/cifar10', '--data-root', str(tmp_path / 'nowhere'), '--attacks', 'fgsm',
+            '--output', str(tmp_path)] + FAST, capsys, 'does not exist')
+    # AutoAttack's standard version needs 4 classes (APGD-T); the 3-class model is refused with the reason
+    if pytest.importorskip('torchattacks'):
+        _fails([erm, '--attacks', 'autoattack'] + base[:4] + FAST + AA_FAST, capsys, 'at least 4 classes')
+
+
+def test_unwritable_output_is_refused_before_any_attack(files, capsys, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, 'evaluate_robustness', lambda *a, **k: calls.append(1))
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    common = [str(files['erm']), '--npz', str(files['npz']), '--attacks', 'fgsm'] + FAST
+    _fails(common + ['--output', str(blocker)], capsys, 'is a file')
+    _fails(common + ['--output', str(blocker / 'sub')], capsys, 'cannot be written')
+    if os.geteuid() != 0:
+        locked = tmp_path / 'locked'
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            _fails(common + ['--output', str(locked / 'out')], capsys, 'cannot be written')
+            _fails(common + ['--output', str(locked)], capsys, 'cannot be written')
+        finally:
+            locked.chmod(0o700)
+    assert calls == []
