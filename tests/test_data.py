@@ -68,6 +68,11 @@ def test_npz_round_trip_through_timm(tmp_path, compress, shuffle):
         np.testing.assert_array_equal(xt.permute(0, 2, 3, 1).numpy(), x)
         np.testing.assert_array_equal(yt.numpy(), y)
         assert torch.equal(split_labels(tmp_path / 'out', split), yt)
+        wds = create_dataset('wds/toy', root=str(tmp_path / 'out'), split=split)  # timm's iterable reader
+        xd, yd = decode_dataset(wds)
+        assert torch.equal(xd, xt) and torch.equal(yd, yt)
+        with pytest.raises(TypeError, match='cannot be indexed'):
+            decode_dataset(wds, [0])
 
 
 def class_sorted_npz(path, classes=10, per_class=30, size=(4, 4)):

@@ -228,7 +228,9 @@ def decode_dataset(dataset: Any, indices: Optional[Sequence[int]] = None) -> Tup
             with more than 8 bits, or images of different sizes. Messages name the offending sample.
     """
     name = type(dataset).__name__
-    indexable = hasattr(dataset, '__getitem__') and hasattr(dataset, '__len__')
+    # torch's IterableDataset inherits a __getitem__ that raises: such datasets (timm's 'wds/' reader) are iterated
+    indexable = (not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, '__getitem__')
+                 and hasattr(dataset, '__len__'))
     if indexable:
         try:
             n_all = len(dataset)
