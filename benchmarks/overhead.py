@@ -7,7 +7,6 @@ drifts in machine load hit all variants alike; the medians and their ratios to t
 to benchmarks/results/overhead.md (or --out).
 """
 import argparse
-import platform
 import random
 import statistics
 import time
@@ -21,20 +20,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 import timm_alps  # noqa: F401  (registers preact_resnet18)
 from timm_alps import ALPSMixup
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                cpu = line.split(':', 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f'{cpu}, {torch.get_num_threads()} threads'
+from benchmarks.machine import machine_line
 
 
 def main(argv=None):
@@ -117,7 +103,7 @@ def main(argv=None):
         f'### {args.model}, batch {args.batch_size}, 32x32, {device.type}{" bf16" if args.amp else ""}'
         f'{" channels_last" if args.channels_last else ""}',
         '',
-        f'Machine: {machine_name(device)}; torch {torch.__version__}, timm {timm.__version__}. '
+        f'Machine: {machine_line(device)}; torch {torch.__version__}, timm {timm.__version__}. '
         f'{args.reps} interleaved repetitions after {args.warmup} warm-up steps per variant; '
         f'{"process CPU time" if args.clock == "cpu" else "wall-clock time"}.',
         f'Command: `{command.strip()}`',
