@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from scipy.optimize import linprog
 
 from timm_alps import adversarial_label
+from timm_alps.labels import _sorted_label, _structured_label, validate_target
 
 
 def make_case(seed: int, batch: int, k: int, soft: bool, ties: bool):
@@ -148,11 +149,141 @@ def test_no_gradient_flows_into_the_label():
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('soft', [False, True])
-def test_low_precision_logits(dtype, soft):
+def test_low_precision_logits_give_a_float32_label(dtype, soft):
     logits, target = make_case(7, 16, 1000, soft=soft, ties=False)
-    rho = adversarial_label(logits.to(dtype), target.to(dtype) if soft else target, 0.3)
-    assert rho.dtype == dtype
-    torch.testing.assert_close(rho.float().sum(1), torch.ones(16), atol=1e-2, rtol=0)
+    rho = adversarial_label(logits.to(dtype), target.float() if soft else target, 0.3)
+    assert rho.dtype == torch.float32
+    torch.testing.assert_close(rho.sum(1), torch.ones(16), atol=1e-5, rtol=0)
+    # the label of the half logits, computed in float32: the same as for those logits cast to float32
+    torch.testing.assert_close(rho, adversarial_label(logits.to(dtype).float(), target.float() if soft else target,
+                                                      0.3), atol=0, rtol=0)
+    if not soft:  # Theorem 1 exactly: 0.85 / 0.15 (bf16 arithmetic gave 0.8516 / 0.1504)
+        values = rho.unique()
+        assert all(torch.isclose(values, torch.tensor(v), rtol=0, atol=1e-7).any() for v in (0.0, 0.85, 0.15))
+        assert ((values - torch.tensor([[0.0], [0.15], [0.85], [1.0]])).abs().amin(0) < 1e-7).all()
+
+
+def test_half_targets_keep_their_row_sum_tolerance():
+    logits, target = structured_case(3, 8, 1000, 0.1, 'uniform', 'plain')
+    target = target.bfloat16()  # bf16 rounding: rows sum to 1 only within ~1e-2
+    assert (target.float().sum(1) - 1).abs().max() > 1e-4
+    rho = adversarial_label(logits.float(), target, 0.3)
+    assert rho.dtype == torch.float32
+    with pytest.raises(ValueError, match='sum to 1'):  # the same rows in float32 are refused
+        adversarial_label(logits.float(), target.float(), 0.3)
+
+
+# -- the sort-free path: rows u + a e_i + b e_j (index, smoothed one-hot, MixUp/CutMix mixtures) --------------------
+
+def structured_case(seed: int, batch: int, k: int, smoothing: float, mix: str, logit_kind: str):
+    """Targets as ALPSMixup / timm's mixup_target build them, logits with the ties low precision produces."""
+    g = torch.Generator().manual_seed(seed)
+    own, partner = torch.randint(k, (batch,), generator=g), torch.randint(k, (batch,), generator=g)
+    lam = {'one_hot': torch.ones(batch), 'uniform': torch.rand(batch, generator=g), 'half': torch.full((batch,), 0.5),
+           'near_one': 1 - torch.rand(batch, generator=g) * 1e-3, 'near_zero': torch.rand(batch, generator=g) * 1e-3,
+           }[mix].double().view(-1, 1)
+    target = lam * F.one_hot(own, k) + (1 - lam) * F.one_hot(partner, k)
+    target = target * (1 - smoothing) + smoothing / k
+    logits = torch.randn(batch, k, generator=g, dtype=torch.float64) * 3
+    if logit_kind == 'rounded':  # few distinct values: ties everywhere, also with the special classes
+        logits = logits.round()
+    elif logit_kind == 'bf16':
+        logits = logits.to(torch.bfloat16).double()
+    elif logit_kind == 'constant':  # zero-initialised head: every class tied with the minimum
+        logits = torch.zeros_like(logits)
+    elif logit_kind == 'own_tied_min':  # the true class tied with the minimum: it gives nothing
+        logits[torch.arange(batch), own] = logits.min(1).values
+    return logits, target
+
+
+structures = st.tuples(st.integers(0, 2 ** 31), st.integers(1, 12), st.integers(2, 300),
+                       st.sampled_from([0.0, 0.0, 0.1, 0.3, 0.9]),
+                       st.sampled_from(['one_hot', 'uniform', 'half', 'near_one', 'near_zero']),
+                       st.sampled_from(['plain', 'rounded', 'bf16', 'constant', 'own_tied_min']))
+
+
+def general_label(logits, target, eps):
+    return _sorted_label(logits, target, eps / 2, logits.argmin(1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=structures, eps=radii)
+def test_fast_path_equals_general_path(case, eps):
+    logits, target = structured_case(*case)
+    expected = general_label(logits, target, eps)
+    torch.testing.assert_close(adversarial_label(logits, target, eps), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(adversarial_label(logits.float(), target.float(), eps), expected.float(),
+                               rtol=0, atol=2e-6)
+    # the accelerator variant (no host sync: always two specials, torch.where instead of row subsets)
+    row_min = target.amin(1, keepdim=True)
+    for host in (True, False):
+        label, sorted_rows, k_star = _structured_label(logits, target, row_min, eps / 2, host)
+        assert torch.equal(k_star, logits.argmin(1))
+        torch.testing.assert_close(label[~sorted_rows], expected[~sorted_rows], rtol=0, atol=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), k=st.integers(3, 2000), smoothing=st.floats(0.0, 1.0, exclude_max=True),
+       mix=st.sampled_from(['one_hot', 'near_one']), eps=st.floats(2e-3, 1.0))
+def test_smoothing_within_half_the_budget_never_sorts(seed, k, smoothing, mix, eps):
+    # The common case: the classes above the own class hold s/K each (plus < 1e-3 on a MixUp partner), all of it
+    # fits in eps/2, and the own class (mass >= 1 - eps/2) gives the rest: no sort, whatever the logit order.
+    # (With K = 2 the row minimum is the partner's mass, not the smoothing: that row may sort.)
+    smoothing = max(0.0, min(smoothing, eps / 2 - 1e-3))
+    logits, target = structured_case(seed, 8, k, smoothing, mix, 'plain')
+    _, sorted_rows, _ = _structured_label(logits, target, target.amin(1, keepdim=True), eps / 2, host=True)
+    assert not sorted_rows.any()
+
+
+def test_budget_ending_inside_a_run_of_smoothed_classes_falls_back_to_the_sort():
+    # s = 0.9 spread over 10 classes (0.09 each), eps/2 = 0.2: the true class is ranked last, so the budget runs out
+    # after 2.2 of the classes above it: which two depends on their order.
+    k = 10
+    logits = torch.arange(k, 0, -1, dtype=torch.float64).view(1, -1)  # class 0 largest
+    target = torch.full((1, k), 0.09, dtype=torch.float64)
+    target[0, k - 2] += 0.1  # true class: second smallest logit (the smallest is k*)
+    _, sorted_rows, _ = _structured_label(logits, target, target.amin(1, keepdim=True), 0.2, host=True)
+    assert sorted_rows.all()
+    rho = adversarial_label(logits, target, 0.4)
+    expected = target.clone()
+    expected[0, :2] = 0.0
+    expected[0, 2] = 0.07
+    expected[0, k - 1] += 0.2
+    torch.testing.assert_close(rho, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rho, general_label(logits, target, 0.4), rtol=0, atol=1e-12)
+
+
+def test_rows_that_are_not_structured_use_the_sort_and_mix_with_fast_rows():
+    logits, target = make_case(11, 6, 50, soft=True, ties=True)  # arbitrary rows: many classes with mass
+    smoothed = structured_case(12, 6, 50, 0.1, 'uniform', 'rounded')[1]
+    target = torch.cat([target, smoothed])
+    logits = torch.cat([logits, logits])
+    _, sorted_rows, _ = _structured_label(logits, target, target.amin(1, keepdim=True), 0.15, host=True)
+    assert sorted_rows[:6].all() and not sorted_rows[6:].any()
+    torch.testing.assert_close(adversarial_label(logits, target, 0.3), general_label(logits, target, 0.3),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize('shape', [(5,), (5, 1)])
+def test_class_indices_of_any_integer_dtype_and_b1_shape(dtype, shape):
+    logits = torch.randn(5, 7)
+    index = torch.tensor([0, 6, 3, 3, 1])
+    rho = adversarial_label(logits, index.to(dtype).view(shape), 0.3)
+    torch.testing.assert_close(rho, adversarial_label(logits, index, 0.3), rtol=0, atol=0)
+    validate_target(index.to(dtype).view(shape), 7, 5)
+
+
+def test_num_classes_may_be_a_numpy_or_torch_integer():
+    logits = torch.randn(2, 5)
+    for k in (np.int64(5), torch.tensor(5)):
+        assert adversarial_label(logits, torch.tensor([0, 4]), 0.2, num_classes=k).shape == (2, 5)
+
+
+def test_eps_may_be_a_one_element_tensor():
+    logits = torch.randn(2, 5)
+    torch.testing.assert_close(adversarial_label(logits, torch.tensor([0, 4]), torch.tensor(0.2)),
+                               adversarial_label(logits, torch.tensor([0, 4]), 0.2))
 
 
 def test_accepts_num_classes_when_consistent():
@@ -175,6 +306,14 @@ def test_accepts_num_classes_when_consistent():
     (dict(logits=torch.ones(2, 5, dtype=torch.long)), TypeError, 'floating-point'),
     (dict(logits=torch.tensor([[0.0, float('nan'), 0, 0, 0], [0.0] * 5])), ValueError, 'NaN or inf'),
     (dict(logits=torch.tensor([[0.0, float('inf'), 0, 0, 0], [0.0] * 5])), ValueError, 'NaN or inf'),
+    (dict(logits=torch.tensor([[0.0, -float('inf'), 0, 0, 0], [0.0] * 5])), ValueError, 'NaN or inf'),
+    (dict(eps=torch.tensor([0.1, 0.2])), ValueError, 'single number'),
+    (dict(num_classes=5.0), TypeError, 'num_classes must be an integer'),
+    (dict(target=torch.tensor([[0.5, float('nan'), 0, 0, 0], [1.0, 0, 0, 0, 0]])), ValueError, 'sum to 1'),
+    (dict(target=torch.tensor([[True], [False]])), TypeError, 'integer class indices'),
+    (dict(target=torch.zeros(2, 5, 1)), ValueError, 'got shape'),
+    (dict(target=[0, 1]), TypeError, 'must be a torch.Tensor'),
+    (dict(logits=torch.randn(2, 5, 1)), TypeError, 'floating-point'),
 ])
 def test_bad_input_is_named(kwargs, error, match):
     args = dict(logits=torch.randn(2, 5), target=torch.tensor([0, 1]), eps=0.3)
