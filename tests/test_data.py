@@ -105,7 +105,8 @@ def test_shuffle_mixes_classes_and_is_seeded(tmp_path):
     a = convert(tmp_path / 'sorted.npz', tmp_path / 'e', per_class=5)
     b = convert(tmp_path / 'sorted.npz', tmp_path / 'f', per_class=5, shuffle=False)
     xa, xb = (load_split_tensors(tmp_path / d, 'train')[0] for d in 'ef')
-    assert a['splits']['train']['num_samples'] == 50 and not torch.equal(xa, xb)
+    assert a['splits']['train']['num_samples'] == b['splits']['train']['num_samples'] == 50
+    assert a['shuffle'] and not b['shuffle'] and not torch.equal(xa, xb)
     assert sorted(source_positions(xa.permute(0, 2, 3, 1).numpy(), x)) == \
         sorted(source_positions(xb.permute(0, 2, 3, 1).numpy(), x))
 
@@ -411,14 +412,16 @@ def test_read_info_missing_and_default_eval_split(tmp_path):
     assert read_info(tmp_path) is None and read_info(tmp_path / 'nowhere') is None
     make_npz(tmp_path / 'toy.npz')
     assert read_info(tmp_path / 'toy.npz') is None
-    assert read_info(write_info(tmp_path / 'ok', {'splits': {'train': GOOD_SPLIT}})) == {'splits': {'train': GOOD_SPLIT}}
+    good = {'splits': {'train': GOOD_SPLIT}}
+    assert read_info(write_info(tmp_path / 'ok', good)) == good
     for splits, expected in ((['train', 'test'], 'test'), (['train', 'val', 'test'], 'val'),
                              (['test', 'validation'], 'validation'), (['train'], 'validation')):
         root = write_info(tmp_path / '_'.join(splits), {'splits': {s: dict(GOOD_SPLIT, name=s) for s in splits}})
         assert default_eval_split('wds/x', root) == expected
         assert default_eval_split('torch/cifar10', root) == 'test'
     assert default_eval_split('wds/x', tmp_path / 'nowhere') == 'validation'
-    assert default_eval_split('torch/cifar10', None) == 'test' and default_eval_split('hfds/x', tmp_path) == 'validation'
+    assert default_eval_split('torch/cifar10', None) == 'test'
+    assert default_eval_split('hfds/x', tmp_path) == 'validation'
     (tmp_path / 'folder' / 'test').mkdir(parents=True)
     (tmp_path / 'folder' / 'train').mkdir()
     assert default_eval_split('', tmp_path / 'folder') == 'test'  # timm's own split search skips 'test'
@@ -620,3 +623,11 @@ def test_shards_with_missing_members(tmp_path):
         load_split_tensors(tmp_path / 'out', 'test')
     with pytest.raises(ValueError, match="Split 'nope' not in"):
         load_split_tensors(tmp_path / 'out', 'nope')
+    with tarfile.open(shard, 'w') as tar:  # a truncated PNG
+        for m, data in members:
+            if m.name.endswith('.png'):
+                data = data[:20]
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r'sample test_\d{7} of .*toy-test-0000.tar: cannot decode the image'):
+        load_split_tensors(tmp_path / 'out', 'test')

@@ -104,7 +104,7 @@ def default_eval_split(dataset: Optional[str], root: Optional[PathLike]) -> str:
     return EVAL_SPLITS[0]
 
 
-# -- the decoder --------------------------------------------------------------------------------------------------------
+# -- the decoder -------------------------------------------------------------------------------------------------------
 def _image_chw(img: Any, where: str) -> np.ndarray:
     """uint8 C x H x W array (C = 1 or 3) of one raw image."""
     if isinstance(img, Image.Image):
@@ -256,7 +256,7 @@ def decode_dataset(dataset: Any, indices: Optional[Sequence[int]] = None) -> Tup
     return _stack(samples(), len(idx), name)
 
 
-# -- subsets ------------------------------------------------------------------------------------------------------------
+# -- subsets -----------------------------------------------------------------------------------------------------------
 def _count(value: Any, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f'{what} must be an int >= {minimum}, got {value!r}')
@@ -358,7 +358,7 @@ def dataset_labels(dataset: Any) -> Optional[torch.Tensor]:
     return None
 
 
-# -- shard folders and npz splits ----------------------------------------------------------------------------------------
+# -- shard folders and npz splits --------------------------------------------------------------------------------------
 def _split_info(root: Path, split: str) -> Dict[str, Any]:
     info = read_info(root)
     if info is None:
@@ -368,13 +368,13 @@ def _split_info(root: Path, split: str) -> Dict[str, Any]:
     return info
 
 
-def _shard_samples(root: Path, split_info: Dict[str, Any], keep: Optional[set]) -> Iterator[Tuple[str, Any, int]]:
-    """(description, PIL image or None, label) of each sample of a split, in shard order.
+def _shard_samples(root: Path, split_info: Dict[str, Any], read_images: bool = True
+                   ) -> Iterator[Tuple[str, bytes, int]]:
+    """(description, encoded image bytes, label) of each sample of a split, in shard order.
 
     A sample is a run of tar members sharing a key (webdataset's grouping: the member path up to the first dot of its
-    file name); its image is read and opened only when its position is in `keep` (always when keep is None).
+    file name). With read_images=False the image bytes are b'' (only the .cls members are read).
     """
-    pos = 0
     for fname in split_info['filenames']:
         path = root / fname
         with tarfile.open(path, 'r:*') as tar:
@@ -389,12 +389,7 @@ def _shard_samples(root: Path, split_info: Dict[str, Any], keep: Optional[set]) 
                 if key is not None and (m is None or k != key):  # the previous sample is complete
                     if data is None or label is None:
                         raise ValueError(f'Sample {key} in {path} lacks an image or a .cls entry')
-                    img = None
-                    if data:
-                        img = Image.open(io.BytesIO(data))
-                        img.load()
-                    yield f'sample {key} of {path}', img, label
-                    pos += 1
+                    yield f'sample {key} of {path}', data, label
                     key, data, label = None, None, None
                 if m is None:
                     break
@@ -407,7 +402,16 @@ def _shard_samples(root: Path, split_info: Dict[str, Any], keep: Optional[set]) 
                     except ValueError:
                         raise ValueError(f'{key}.cls in {path} holds {raw[:20]!r}, not a class index') from None
                 elif ext in _IMAGE_EXTS and data is None:
-                    data = tar.extractfile(m).read() if keep is None or pos in keep else b''
+                    data = tar.extractfile(m).read() if read_images else b''
+
+
+def _open_image(data: bytes, where: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for truncated / unknown image data
+        raise ValueError(f'{where}: cannot decode the image ({e})') from None
+    return img
 
 
 def _check_count(root: Path, split: str, found: int, expected: int) -> None:
@@ -437,7 +441,7 @@ def split_labels(src: PathLike, split: str = 'train', lossless_only: bool = Fals
         if lossless_only:
             raise ValueError('lossless_only applies to npz sources; shards were filtered when converted')
         split_info = _split_info(src, split)['splits'][split]
-        labels = [label for _, _, label in _shard_samples(src, split_info, keep=set())]
+        labels = [label for _, _, label in _shard_samples(src, split_info, read_images=False)]
         _check_count(src, split, len(labels), split_info['num_samples'])
         return torch.tensor(labels, dtype=torch.long)
     with np.load(src) as data:
@@ -489,17 +493,18 @@ def load_split_tensors(
         info = _split_info(src, split)
         split_info = info['splits'][split]
         n = split_info['num_samples']
-        keep, found = None, [0]
+        desc = f'{src} split {split!r}'
         if max_samples is not None and max_samples < n:
-            keep = set(subset_indices(n, max_samples, seed, labels=split_labels(src, split)).tolist())
-
-        def samples() -> Iterator[Tuple[str, Any, int]]:
-            for sample in _shard_samples(src, split_info, keep):
-                found[0] += 1
-                if sample[1] is not None:
-                    yield sample
-        x, y = _stack(samples(), n if keep is None else len(keep), f'{src} split {split!r}')
-        _check_count(src, split, found[0], n)
+            # one pass keeps every sample's encoded bytes (the whole split was to fit in memory decoded), then only
+            # the drawn ones are decoded: a .tar.gz is decompressed once
+            raw = list(_shard_samples(src, split_info))
+            _check_count(src, split, len(raw), n)
+            keep = subset_indices(n, max_samples, seed, labels=[label for _, _, label in raw]).tolist()
+            x, y = _stack(((raw[i][0], _open_image(raw[i][1], raw[i][0]), raw[i][2]) for i in keep), len(keep),
+                          desc)
+        else:
+            samples = _shard_samples(src, split_info)
+            x, y = _stack(((where, _open_image(data, where), label) for where, data, label in samples), n, desc)
         return x, y, info.get('classes')
 
 
@@ -524,6 +529,6 @@ def shard_image_shape(root: PathLike, split: str) -> Tuple[int, int, int]:
     """
     root = Path(root)
     split_info = _split_info(root, split)['splits'][split]
-    for where, img, _ in _shard_samples(root, split_info, keep={0}):
-        return tuple(_image_chw(img, where).shape)
+    for where, data, _ in _shard_samples(root, split_info):
+        return tuple(_image_chw(_open_image(data, where), where).shape)
     raise ValueError(f'{root} split {split!r} holds no sample')
