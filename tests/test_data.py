@@ -579,6 +579,7 @@ def test_subset_indices_draws_and_errors():
             subset_indices(seed=0, **bad)
     with pytest.raises(ValueError, match='seed must be an int'):
         subset_indices(10, 3, seed=0.5)
+    assert len(subset_indices(10, 3, seed=2 ** 70)) == len(subset_indices(10, 3, seed=-5)) == 3
     with pytest.raises(ValueError, match='labels must be 10 integer class indices'):
         subset_indices(10, 3, 0, labels=np.zeros(9, np.int64))
     with pytest.raises(ValueError, match='labels must be 10 integer class indices'):

@@ -80,13 +80,14 @@ def default_eval_split(dataset: Optional[str], root: Optional[PathLike]) -> str:
     """The evaluation split to use when none is given.
 
     Args:
-        dataset: timm dataset name ('wds/<name>', 'torch/<name>', '' or 'folder/...' for an image folder, ...).
+        dataset: timm dataset name ('wds/<name>', 'torch/<name>', 'hfds/<name>', ...; '' or a name without one of
+            timm's reader prefixes for an image folder).
         root: Its data folder (may be None for a downloaded torch/ dataset).
 
     Returns:
         'test' for torch/ datasets (they have train and test); for a shard folder, the first of EVAL_SPLITS
         ('validation', 'val', 'test') that its `_info.json` lists; for an image folder, the first of them that is a
-        sub-folder of root (timm's own search does not look for 'test'); 'validation' otherwise.
+        sub-folder of root (timm's own search does not look for 'test'); 'validation' otherwise (hfds/, tfds/, ...).
 
     Raises:
         ValueError: root's `_info.json` is invalid (see `read_info`).
@@ -99,7 +100,7 @@ def default_eval_split(dataset: Optional[str], root: Optional[PathLike]) -> str:
         info = read_info(root)
         if info is not None:
             return next((s for s in EVAL_SPLITS if s in info['splits']), EVAL_SPLITS[0])
-    if root is not None and prefix in ('', 'folder', 'imagefolder'):
+    if root is not None and prefix not in ('wds', 'hfds', 'hfids', 'tfds'):  # timm reads the rest as folders / tars
         return next((s for s in EVAL_SPLITS if (Path(root) / s).is_dir()), EVAL_SPLITS[0])
     return EVAL_SPLITS[0]
 
@@ -288,7 +289,7 @@ def subset_indices(n: int, k: int, seed: int, labels: Optional[Sequence[int]] = 
     Args:
         n: Number of samples.
         k: Subset size; k >= n keeps all n.
-        seed: Seed of the draw (the same seed gives the same subset).
+        seed: Seed of the draw, any int (the same seed gives the same subset).
         labels: n integer labels (list, numpy array or tensor). With them, each class contributes as equally as
             possible: classes smaller than their share give all their samples, the others k_c or k_c + 1 (which
             classes get the +1 is part of the seeded draw), the samples within a class drawn at random.
@@ -312,7 +313,7 @@ def subset_indices(n: int, k: int, seed: int, labels: Optional[Sequence[int]] = 
             raise ValueError(f'labels must be {n} integer class indices, got {labels.dtype} {tuple(labels.shape)}')
     if k >= n:
         return torch.arange(n)
-    g = torch.Generator().manual_seed(int(seed))
+    g = torch.Generator().manual_seed(int(seed) % 2 ** 64)  # any int: torch takes 64 bits
     perm = torch.randperm(n, generator=g)
     if labels is None:
         return perm[:k].sort().values
@@ -348,12 +349,14 @@ def dataset_labels(dataset: Any) -> Optional[torch.Tensor]:
         if isinstance(samples, (list, tuple)) and samples and isinstance(samples[0], (list, tuple)):
             candidates.append([s[1] for s in samples])
     for c in candidates:
+        if c is None:
+            continue
         try:
             labels = torch.as_tensor(np.asarray(c.cpu() if isinstance(c, torch.Tensor) else c))
         except (TypeError, ValueError, RuntimeError):
             continue
-        if c is not None and labels.shape == (len(dataset),) and not labels.is_floating_point() \
-                and labels.dtype != torch.bool and not labels.is_complex():
+        integral = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+        if integral and labels.shape == (len(dataset),):
             return labels.long()
     return None
 
