@@ -296,3 +296,9 @@ def test_make_loss_shifts_exactly_once_on_both_paths(kind):
     torch.testing.assert_close(fused_loss(logits, base), handle_loss(net(xh), adversarial))
     reference = SoftTargetCrossEntropy() if kind == 'ce' else BinaryCrossEntropy()
     torch.testing.assert_close(fused_loss(logits, base), reference(logits, once))
+
+
+def test_bce_weights_as_sequences():
+    logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(ALPSBinaryCrossEntropy(pos_weight=[1.0, 2.0, 3.0], weight=np.ones(3))(logits, target),
+                               ALPSBinaryCrossEntropy(pos_weight=torch.tensor([1.0, 2.0, 3.0]))(logits, target))

@@ -345,3 +345,8 @@ def test_make_loss_options():
         mixup.make_loss('focal')
     mixup.set_model(small_net())
     assert mixup.label_path == 'model' and mixup.make_loss('bce').eps == 0.0
+
+
+def test_from_mixup_args_takes_alps_keys_too():
+    mixup = ALPSMixup.from_mixup_args(timm_mixup_args(alps_eps=0.1, seed=3), alps_alpha=5)
+    assert (mixup.alps_eps, mixup.seed, mixup.alps_alpha) == (0.1, 3, 5.0)

@@ -199,10 +199,11 @@ class ALPSBinaryCrossEntropy(nn.Module):
         if smooth_dense and self.eps > 0:
             raise ValueError('smooth_dense=True smooths multi-label targets towards 0.5; those rows are not label '
                              'distributions, so ALPS has no ball around them: use smooth_dense=False or eps=0')
+        # numbers, sequences and numpy arrays become float tensors, as timm does for pos_weight
         if pos_weight is not None and not isinstance(pos_weight, torch.Tensor):
-            pos_weight = torch.tensor(float(pos_weight))
+            pos_weight = torch.as_tensor(pos_weight, dtype=torch.float32)
         if weight is not None and not isinstance(weight, torch.Tensor):
-            raise TypeError(f'weight must be a tensor or None, got {type(weight).__name__}')
+            weight = torch.as_tensor(weight, dtype=torch.float32)
         self.reduction = reduction
         self.sum_classes = bool(sum_classes)
         self.smooth_dense = bool(smooth_dense)

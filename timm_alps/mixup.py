@@ -8,7 +8,7 @@ the loss with `mixup_fn.make_loss()` (or `make_loss('bce', ...)` for timm's `--b
 Note on defaults: timm's `Mixup` defaults to `label_smoothing=0.1`; `ALPSMixup` defaults to 0 (the paper's
 recipe). `from_mixup_args` takes the value in timm's `mixup_args` dict (train.py's `--smoothing`, default 0.1).
 """
-import numbers
+import inspect
 import operator
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -145,7 +145,8 @@ class _ALPSMixingBase:
     def from_mixup_args(cls, mixup_args: Mapping[str, Any], **alps_kwargs):
         """Build from timm train.py's ``mixup_args`` dict (the kwargs it passes to `Mixup`/`FastCollateMixup`).
 
-        `prob`, `mode`, `label_smoothing` and `num_classes` are taken over (keyword arguments given here win);
+        `prob`, `mode`, `label_smoothing` and `num_classes` are taken over, as are this class's own arguments
+        (`alps_eps`, `seed`, ...) if the dict holds them; keyword arguments given here win.
         `mixup_alpha`, `cutmix_alpha`, `cutmix_minmax`, `switch_prob`, `correct_lam` and `multi_label` have no ALPS
         meaning and must be at their defaults (ALPS draws lam from Beta(alps_alpha, alps_beta), never cuts boxes).
         Keys absent from the dict keep this class's defaults (label_smoothing 0, where timm's `Mixup` has 0.1).
@@ -166,8 +167,8 @@ class _ALPSMixingBase:
                         f'mixup_args[{key!r}]={value!r} has no meaning for ALPS (ALPS mixes every sample with a '
                         f'random partner at lam ~ Beta(alps_alpha, alps_beta) and keeps its own label): leave it at '
                         f'its default ({defaults}) and set alps_alpha/alps_beta instead')
-            elif key in _MIXUP_ARGS_FOR_ALPS:
-                kwargs[key] = value
+            elif key in _MIXUP_ARGS_FOR_ALPS or key in inspect.signature(cls).parameters:
+                kwargs[key] = value  # timm's shared arguments, or this class's own (alps_eps, seed, ...)
             else:
                 raise ValueError(f'mixup_args[{key!r}] is not an argument of timm\'s Mixup that ALPS knows; '
                                  f'known: {", ".join(sorted((*_MIXUP_ARGS_FOR_ALPS, *_NO_ALPS_MEANING)))}')
