@@ -302,3 +302,15 @@ def test_bce_weights_as_sequences():
     logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     torch.testing.assert_close(ALPSBinaryCrossEntropy(pos_weight=[1.0, 2.0, 3.0], weight=np.ones(3))(logits, target),
                                ALPSBinaryCrossEntropy(pos_weight=torch.tensor([1.0, 2.0, 3.0]))(logits, target))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('make', [ALPSSoftTargetCrossEntropy, ALPSBinaryCrossEntropy])
+def test_float32_loss_under_cuda_autocast(make):
+    net = torch.nn.Linear(20, 100).cuda()
+    target = torch.randint(100, (8,), device='cuda')
+    with torch.autocast('cuda', dtype=torch.float16):
+        out = net(torch.randn(8, 20, device='cuda'))
+        loss = make(eps=0.3)(out, target)
+    assert out.dtype == torch.float16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, make(eps=0.3)(out.float(), target))

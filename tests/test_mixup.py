@@ -350,3 +350,14 @@ def test_make_loss_options():
 def test_from_mixup_args_takes_alps_keys_too():
     mixup = ALPSMixup.from_mixup_args(timm_mixup_args(alps_eps=0.1, seed=3), alps_alpha=5)
     assert (mixup.alps_eps, mixup.seed, mixup.alps_alpha) == (0.1, 3, 5.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_model_handle_keeps_the_cuda_dropout_masks():
+    model = small_net(bn=False, dropout=0.5).cuda()
+    x, y = torch.randn(16, 3, 8, 8, device='cuda'), torch.randint(10, (16,), device='cuda')
+    torch.manual_seed(0)
+    out_fused = model(ALPSMixup(seed=1, num_classes=10)(x, y)[0])
+    torch.manual_seed(0)
+    out_handle = model(ALPSMixup(seed=1, num_classes=10, model=model)(x, y)[0])
+    torch.testing.assert_close(out_handle, out_fused, rtol=0, atol=0)
