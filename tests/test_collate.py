@@ -182,3 +182,27 @@ def test_bad_batches_are_named(batch, error, match):
 def test_bad_arguments_are_named(kwargs, error, match):
     with pytest.raises(error, match=match):
         FastCollateALPSMixup(**kwargs)
+
+
+def test_ddp_rank_is_read_from_torch_distributed_and_fixed_when_pickled(monkeypatch):
+    import pickle
+    default = FastCollateALPSMixup(num_classes=10, seed=42).sample(16)[0]
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'get_rank', lambda group=None: 1)
+    collate = FastCollateALPSMixup(num_classes=10, seed=42)
+    as_rank_1 = FastCollateALPSMixup(num_classes=10, seed=42, rank=1).sample(16)[0]
+    torch.testing.assert_close(collate.sample(16)[0], as_rank_1)
+    assert not torch.equal(as_rank_1, default)
+    copy = pickle.loads(pickle.dumps(FastCollateALPSMixup(num_classes=10, seed=42)))  # as sent to spawned workers
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: False)
+    assert copy.rank == 1
+    torch.testing.assert_close(copy.sample(16)[0], as_rank_1)
+
+
+@pytest.mark.slow  # a spawned worker imports torch and timm afresh (~10 s)
+def test_spawned_worker():
+    torch.manual_seed(0)
+    loader = DataLoader(PatternDataset(4, 2), batch_size=4, num_workers=1, multiprocessing_context='spawn',
+                        collate_fn=FastCollateALPSMixup(num_classes=10, seed=42))
+    batches = [images for images, _ in loader]
+    assert len(batches) == 2 and not torch.equal(batches[0], batches[1])
