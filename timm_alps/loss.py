@@ -110,7 +110,8 @@ def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optiona
             raise ValueError(
                 f'the target is already adversarial (it comes from ALPSMixup(model=...), which applied the ALPS '
                 f'label), and this loss would shift it again with eps={eps}: build the loss with '
-                f'mixup_fn.make_loss(), or pass eps=0, so the label is applied once')
+                f'mixup_fn.make_loss() once the model handle is set (it returns eps=0 on that path), or pass eps=0, '
+                f'so the label is applied once')
         return adversarial_label(x if order is None else order, target, eps).to(x.dtype)
     validate_target(target, x.shape[1], x.shape[0])
     if target.ndim == 1:
