@@ -206,6 +206,11 @@ def general_label(logits, target, eps):
     return _sorted_label(logits, target, eps / 2, logits.argmin(1))
 
 
+def fast_label(logits, target, eps):
+    """The sort-free path alone: (label, rows it leaves to the sort, k*)."""
+    return _structured_label(logits, target, target.amin(1, keepdim=True), logits.amin(1, keepdim=True), eps / 2)
+
+
 @settings(max_examples=300, deadline=None)
 @given(case=structures, eps=radii)
 def test_fast_path_equals_general_path(case, eps):
@@ -214,12 +219,10 @@ def test_fast_path_equals_general_path(case, eps):
     torch.testing.assert_close(adversarial_label(logits, target, eps), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(adversarial_label(logits.float(), target.float(), eps), expected.float(),
                                rtol=0, atol=2e-6)
-    # the accelerator variant (no host sync: always two specials, torch.where instead of row subsets)
-    row_min = target.amin(1, keepdim=True)
-    for host in (True, False):
-        label, sorted_rows, k_star = _structured_label(logits, target, row_min, eps / 2, host)
-        assert torch.equal(k_star, logits.argmin(1))
-        torch.testing.assert_close(label[~sorted_rows], expected[~sorted_rows], rtol=0, atol=1e-12)
+    label, sorted_rows, k_star = fast_label(logits, target, eps)
+    assert torch.equal(torch.from_numpy(k_star), logits.argmin(1))
+    solved = torch.from_numpy(~sorted_rows)
+    torch.testing.assert_close(label[solved], expected[solved], rtol=0, atol=1e-12)
 
 
 @settings(max_examples=100, deadline=None)
@@ -231,8 +234,22 @@ def test_smoothing_within_half_the_budget_never_sorts(seed, k, smoothing, mix, e
     # (With K = 2 the row minimum is the partner's mass, not the smoothing: that row may sort.)
     smoothing = max(0.0, min(smoothing, eps / 2 - 1e-3))
     logits, target = structured_case(seed, 8, k, smoothing, mix, 'plain')
-    _, sorted_rows, _ = _structured_label(logits, target, target.amin(1, keepdim=True), eps / 2, host=True)
+    _, sorted_rows, _ = fast_label(logits, target, eps)
     assert not sorted_rows.any()
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), k=st.integers(3, 2000), lam=st.floats(0.2, 0.8),
+       logit_kind=st.sampled_from(['plain', 'rounded', 'bf16']))
+def test_mixup_targets_never_sort(seed, k, lam, logit_kind):
+    # timm MixUp/CutMix rows with smoothing 0.1 and eps 0.3: whichever of the two classes comes first in the order
+    # holds >= 0.18 > eps/2 and every class before it holds 0.1/K: the cut is on it, with or without ties.
+    logits, target = structured_case(seed, 8, k, 0.1, 'uniform', logit_kind)
+    own, partner = target.topk(2, dim=1).indices.unbind(1)
+    target = (lam * F.one_hot(own, k) + (1 - lam) * F.one_hot(partner, k)).double() * 0.9 + 0.1 / k
+    label, sorted_rows, _ = fast_label(logits, target, 0.3)
+    assert not sorted_rows.any()
+    torch.testing.assert_close(label, general_label(logits, target, 0.3), rtol=0, atol=1e-12)
 
 
 def test_budget_ending_inside_a_run_of_smoothed_classes_falls_back_to_the_sort():
@@ -242,7 +259,7 @@ def test_budget_ending_inside_a_run_of_smoothed_classes_falls_back_to_the_sort()
     logits = torch.arange(k, 0, -1, dtype=torch.float64).view(1, -1)  # class 0 largest
     target = torch.full((1, k), 0.09, dtype=torch.float64)
     target[0, k - 2] += 0.1  # true class: second smallest logit (the smallest is k*)
-    _, sorted_rows, _ = _structured_label(logits, target, target.amin(1, keepdim=True), 0.2, host=True)
+    _, sorted_rows, _ = fast_label(logits, target, 0.4)
     assert sorted_rows.all()
     rho = adversarial_label(logits, target, 0.4)
     expected = target.clone()
@@ -258,7 +275,7 @@ def test_rows_that_are_not_structured_use_the_sort_and_mix_with_fast_rows():
     smoothed = structured_case(12, 6, 50, 0.1, 'uniform', 'rounded')[1]
     target = torch.cat([target, smoothed])
     logits = torch.cat([logits, logits])
-    _, sorted_rows, _ = _structured_label(logits, target, target.amin(1, keepdim=True), 0.15, host=True)
+    _, sorted_rows, _ = fast_label(logits, target, 0.3)
     assert sorted_rows[:6].all() and not sorted_rows[6:].any()
     torch.testing.assert_close(adversarial_label(logits, target, 0.3), general_label(logits, target, 0.3),
                                rtol=0, atol=1e-12)

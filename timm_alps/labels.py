@@ -29,6 +29,7 @@ other row costs a handful of O(K) passes.
 import operator
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 __all__ = ['adversarial_label', 'validate_target']
@@ -108,16 +109,17 @@ def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional
     _check_target(target, num_classes, batch_size)
 
 
-def _first_argmin(z: torch.Tensor, z_min: torch.Tensor, work: torch.Tensor, index_from_k: torch.Tensor):
-    """Lowest index of each row's minimum and the number of classes tied with it, using `work` as scratch.
+def _first_argmin(z: torch.Tensor, z_min: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lowest index of each row's minimum (B, 1) int64 and the number of classes tied with it (B, 1), via `out`.
 
-    `torch.argmin(dim=1)` is not vectorised on CPU (about 8 memory passes' worth); an equality mask times
-    (index - K) reduced with amin gives the first minimum in 3 passes, ties included.
+    On CPU `torch.argmin(dim=1)` is not vectorised (about ten memory passes' worth of time); an equality mask times
+    (index - K), reduced with amin, gives the first minimum in a few vectorised passes, ties included.
     """
-    torch.eq(z, z_min, out=work)
-    n_min = work.sum(dim=1)
-    k_star = work.mul_(index_from_k).amin(dim=1).add_(z.shape[1]).long()
-    return k_star, n_min
+    k = z.shape[1]
+    ties = torch.eq(z, z_min, out=out)
+    n_min = ties.sum(dim=1, keepdim=True)
+    k_star = ties.mul_(torch.arange(-k, 0, device=z.device, dtype=z.dtype)).amin(dim=1, keepdim=True)
+    return k_star.long().add_(k), n_min
 
 
 def _sorted_label(z: torch.Tensor, soft: torch.Tensor, budget: float, k_star: torch.Tensor) -> torch.Tensor:
@@ -132,102 +134,89 @@ def _sorted_label(z: torch.Tensor, soft: torch.Tensor, budget: float, k_star: to
     return label.scatter_add_(1, k_star.view(-1, 1), take.sum(dim=1, keepdim=True))
 
 
-def _not_before(z: torch.Tensor, index: torch.Tensor, ar: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[b, c] = 1.0 where class c does NOT come before class index[b] in the stable descending logit order.
+def _not_before(z: torch.Tensor, index: np.ndarray, z_s: np.ndarray, donor: np.ndarray,
+                out: torch.Tensor) -> torch.Tensor:
+    """out[b, c] = 1.0 where class c does NOT come before the special class index[b] in the greedy order.
 
-    c comes before s iff z_c > z_s, or z_c == z_s and c < s. Both cases are one comparison z_c <= thr_c against
-    thr_c = z_s for c >= s and the next float below z_s for c < s; thr is built in `out` and compared in place.
+    c comes before s iff z_c > z_s, or z_c == z_s and c < s: one comparison z_c <= thr_c against thr_c = z_s for
+    c >= s and the next float below z_s for c < s, built in `out` and compared in place. For a special tied with
+    the minimum (donor 0) thr is z_min everywhere: the mask keeps exactly the classes that give nothing.
     """
-    z_s = z.gather(1, index)
-    below = torch.nextafter(z_s, torch.full_like(z_s, -float('inf'))) - z_s  # exact: adjacent floats
-    torch.lt(ar, index.to(z.dtype), out=out)
-    torch.addcmul(z_s, out, below, out=out)
+    below = (np.nextafter(z_s, -np.inf) - z_s) * donor  # exact: adjacent floats
+    ar = torch.arange(z.shape[1], dtype=z.dtype)
+    torch.lt(ar, torch.from_numpy(index.astype(z_s.dtype)), out=out)
+    out.mul_(torch.from_numpy(below)).add_(torch.from_numpy(z_s))
     return torch.le(z, out, out=out)
 
 
-def _structured_label(z: torch.Tensor, soft: torch.Tensor, row_min: torch.Tensor, budget: float, host: bool):
-    """The exact label for rows of the form u + a e_i + b e_j, without sorting.
+def _structured_label(z: torch.Tensor, soft: torch.Tensor, row_min: torch.Tensor, z_min: torch.Tensor,
+                      budget: float) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The exact label of rows u + a e_i + b e_j, without sorting (CPU tensors).
 
-    Returns (label, sorted_rows, k_star): `sorted_rows` (B,) is True where the row has another form or the cut falls
-    strictly inside a run of classes holding u; those rows of `label` are not valid and must come from
-    `_sorted_label`. `k_star` (B,) is the first minimum of each row.
+    Returns (label, sorted_rows, k_star). `sorted_rows` (B,) marks the rows this does not solve: rows of another
+    form, and rows whose greedy cut falls strictly inside a run of classes holding u (which of them go first needs
+    the order); their rows of `label` are not valid and must come from `_sorted_label`. `k_star` (B,) is the
+    first minimum of each row. The O(B K) passes are torch ops on one (B, K) tensor, the label, used as scratch
+    before; the per-row arithmetic runs in numpy on (B, 2) arrays, where an operation costs a microsecond, not a
+    dispatch.
     """
     batch, k = z.shape
-    ar = torch.arange(k, device=z.device, dtype=z.dtype)
-    work = torch.empty_like(z)
+    rows = np.arange(batch)[:, None]
+    label = torch.empty_like(z)
 
     # The special classes: those holding more than the row minimum u (the true class, a mixing partner).
-    torch.gt(soft, row_min, out=work)
-    n_above = work.sum(dim=1)
-    weighted = work.mul_(ar)
-    last = weighted.amax(dim=1)  # the highest special index (0 if none)
-    # On CPU a sync is free: when no row has two specials, skip the second. On accelerators always two.
-    n_special = 1 if host and int(n_above.max()) <= 1 else 2
-    if n_special == 1:
-        specials = last.long().view(-1, 1)
+    above = torch.gt(soft, row_min, out=label)
+    n_above = above.sum(dim=1).numpy()
+    weighted = above.mul_(torch.arange(k, dtype=z.dtype))
+    last = weighted.amax(dim=1, keepdim=True).numpy().astype(np.int64)  # the highest special index (0 if none)
+    if n_above.max() <= 1:
+        specials = last
     else:
-        # With two above the minimum the other is (index sum - last); with fewer, pad with a class holding u,
-        # which is exact: treating one of a run's classes as a special splits the run in two. (Rows with more
-        # than two go to the sort; any valid index will do for them.)
-        first = torch.where(n_above == 2, weighted.sum(dim=1) - last, torch.remainder(last + 1, k))
-        specials = torch.stack([first, last], dim=1).long()
-    z_min = z.amin(dim=1, keepdim=True)
-    if host:
-        k_star, n_min = _first_argmin(z, z_min, work, ar - k)
-    else:
-        k_star, n_min = z.argmin(dim=1), torch.eq(z, z_min, out=work).sum(dim=1)
-    n_donors = (k - n_min).view(-1, 1)
+        # The other special is (index sum - last). A row with fewer than two is padded with a class holding u,
+        # which is exact: a class of a run taken as a special splits the run in two. (Rows with more than two
+        # are sorted; any valid index will do for them here.)
+        first = weighted.sum(dim=1, keepdim=True).numpy().astype(np.int64) - last
+        first = np.where(n_above[:, None] == 2, first, (last + 1) % k)
+        specials = np.concatenate([first, last], axis=1)
+    k_star, n_min = (x.numpy() for x in _first_argmin(z, z_min, out=label))
 
-    # For each special s: the mask of classes not before s, and the number of classes before s.
-    masks = torch.empty((n_special,) + z.shape, dtype=z.dtype, device=z.device)
-    for m in range(n_special):
-        _not_before(z, specials[:, m:m + 1], ar, masks[m])
-    before = (k - masks.sum(dim=2)).t()  # (B, n_special)
-    z_s, t_s = z.gather(1, specials), soft.gather(1, specials)
-    donor = (z_s > z_min).to(z.dtype)
-    before = torch.where(donor > 0, before, n_donors)  # a non-donor special comes after every donor
-    mass = t_s * donor
-
-    # Put the specials in greedy order: pos[:, r] is the column of the r-th special along the order.
-    if n_special == 2:
+    z_np, u = z.numpy(), row_min.numpy()
+    z_s, t_s = z_np[rows, specials], soft.numpy()[rows, specials]
+    donor = (z_s > z_min.numpy()).astype(z_s.dtype)
+    if specials.shape[1] == 2:  # walk them in greedy order: (0, 1) or (1, 0)
         swap = (z_s[:, 1] > z_s[:, 0]) | ((z_s[:, 1] == z_s[:, 0]) & (specials[:, 1] < specials[:, 0]))
-        pos = torch.stack([swap.long(), 1 - swap.long()], dim=1)
-        before, mass, donor = before.gather(1, pos), mass.gather(1, pos), donor.gather(1, pos)
-    else:
-        pos = torch.zeros((batch, 1), dtype=torch.long, device=z.device)
-    # The order is: run_0, special_0, run_1, special_1, run_2, where run_r holds the u-only donors between.
-    prev_before = torch.cat([torch.zeros_like(before[:, :1]), before[:, :-1] + donor[:, :-1]], dim=1)
-    run_mass = (before - prev_before) * row_min  # the runs before each special
-    last_run_mass = (n_donors - before[:, -1:] - donor[:, -1:]) * row_min
-    special_end = torch.cumsum(run_mass + mass, dim=1)
-    special_start = special_end - mass
-    total = special_end[:, -1:] + last_run_mass
-    everything = budget >= total  # every donor is drained completely
-    # The cut is the first special whose mass reaches the budget, unless the budget runs out inside a run.
-    reaches = budget <= special_end
-    cut = reaches.long().argmax(dim=1, keepdim=True)
-    cut_start = special_start.gather(1, cut)
-    in_run = ~everything & (~reaches[:, -1:] | (budget < cut_start))
-    sorted_rows = in_run.view(-1) | (n_above > 2)
+        order = np.stack([swap, ~swap], axis=1).astype(np.int64)
+        specials, z_s, t_s, donor = (np.take_along_axis(x, order, axis=1) for x in (specials, z_s, t_s, donor))
+    # Classes before each special (a special tied with the minimum: every donor), counted from its mask.
+    before = np.concatenate([
+        k - _not_before(z, specials[:, m:m + 1], z_s[:, m:m + 1], donor[:, m:m + 1], out=label)
+        .sum(dim=1, keepdim=True).numpy() for m in range(specials.shape[1])], axis=1)
+    # Along the order: run_0, special_0[, run_1, special_1], last run; runs hold u per class.
+    mass = t_s * donor
+    runs = before.copy()
+    runs[:, 1:] -= before[:, :-1] + donor[:, :-1]
+    ends = np.cumsum(runs * u + mass, axis=1, dtype=z_s.dtype)
+    starts = ends - mass
+    last_run = (k - n_min - before[:, -1:] - donor[:, -1:]) * u
+    # The cut is at the first special whose end reaches the budget, if every donor before it fits in the budget.
+    # Past the last special, only an empty last run (u = 0 or no donor left) is solved: everything is drained.
+    reach = budget <= ends
+    cut = np.where(reach.any(axis=1), reach.argmax(axis=1), specials.shape[1] - 1)[:, None]
+    start = np.take_along_axis(starts, cut, axis=1)
+    solved = (start <= budget) & (reach.any(axis=1, keepdims=True) | (last_run <= 0))
+    sorted_rows = ~solved[:, 0] | (n_above > 2)
+    take = np.minimum(np.maximum(budget - start, 0), np.take_along_axis(mass, cut, axis=1))
+    moved = np.minimum(ends[:, -1:] + last_run, budget)
+    cut_class = np.take_along_axis(specials, cut, axis=1)
+    if specials.shape[1] == 2:  # the mask of the cut special (with one special, it is still in `label`)
+        _not_before(z, cut_class, np.take_along_axis(z_s, cut, axis=1), np.take_along_axis(donor, cut, axis=1),
+                    out=label)
 
-    # label = soft without everything before the cut special, minus the remainder at the cut special; all to k*.
-    column = pos.gather(1, cut).view(-1)
-    keep = masks[0] if n_special == 1 else masks.view(-1, k).index_select(
-        0, column * batch + torch.arange(batch, device=z.device))
-    label = torch.mul(soft, keep, out=work)
-    cut_class = specials.gather(1, column.view(-1, 1))
-    take = (budget - cut_start).clamp(min=0).minimum(mass.gather(1, cut))
-    taken = torch.where(everything, total, torch.full_like(total, budget))
-    take = torch.where(everything, torch.zeros_like(take), take)
-    if host:
-        if bool(everything.any()):
-            rows = everything.view(-1).nonzero().view(-1)
-            label[rows] = soft[rows] * (z[rows] == z_min[rows])
-    else:
-        label = torch.where(everything, soft * (z == z_min), label)
-    label.scatter_add_(1, cut_class, -take)
-    label.scatter_add_(1, k_star.view(-1, 1), taken)
-    return label, sorted_rows, k_star
+    # label = soft without every class before the cut, minus the remainder at the cut; all of it to k*.
+    label_np = label.mul_(soft).numpy()
+    label_np[rows, cut_class] -= take
+    label_np[rows, k_star] += moved
+    return label, sorted_rows, k_star[:, 0]
 
 
 def adversarial_label(
@@ -279,36 +268,32 @@ def adversarial_label(
     dtype = torch.promote_types(logits.dtype, torch.float32)
     host = logits.device.type == 'cpu'
     z = logits.detach().to(dtype)
-    finite = torch.isfinite(z.amin(dim=1, keepdim=True)) & torch.isfinite(z.amax(dim=1, keepdim=True))
+    z_min = z.amin(dim=1, keepdim=True)
+    finite = torch.isfinite(z_min) & torch.isfinite(z.amax(dim=1, keepdim=True))  # NaN propagates into both
     if host and not bool(finite.all()):
         raise ValueError('logits contain NaN or inf: the least likely class is undefined (check the model/loss scale)')
     budget = float(eps) / 2
 
     if row_min is None:  # class indices: Theorem 1, no sort
         index = target.to(z.device, torch.long).view(-1, 1)
-        label = torch.zeros_like(z).scatter_(1, index, 1.0)
-        if budget > 0 and batch_size:
-            if host:
-                k_star, _ = _first_argmin(z, z.amin(dim=1, keepdim=True), torch.empty_like(z), torch.arange(
-                    k, dtype=dtype) - k)
-            else:
-                k_star = z.argmin(dim=1)
-            moved = budget * (k_star != index.view(-1)).to(dtype).view(-1, 1)
-            label.scatter_add_(1, index, -moved).scatter_add_(1, k_star.view(-1, 1), moved)
+        label = torch.zeros_like(z)
+        k_star = _first_argmin(z, z_min, out=label)[0] if host else z.argmin(dim=1, keepdim=True)
+        label.zero_().scatter_(1, index, 1.0)
+        if budget > 0:
+            moved = (k_star != index).to(dtype).mul_(budget)
+            label.scatter_add_(1, index, -moved).scatter_add_(1, k_star, moved)
     else:
         soft = target.detach().to(device=z.device, dtype=dtype)
-        row_min = row_min.to(device=z.device, dtype=dtype)
         if budget == 0 or not batch_size:
             label = soft.clone()
-        elif k >= _MAX_FAST_CLASSES and dtype == torch.float32:
-            label = _sorted_label(z, soft, budget, z.argmin(dim=1))
+        elif host and k < _MAX_FAST_CLASSES:
+            label, sorted_rows, k_star = _structured_label(z, soft, row_min.to(z.device, dtype), z_min, budget)
+            if sorted_rows.any():
+                rows = torch.from_numpy(sorted_rows.nonzero()[0])
+                label[rows] = _sorted_label(z[rows], soft[rows], budget, torch.from_numpy(k_star)[rows])
         else:
-            label, sorted_rows, k_star = _structured_label(z, soft, row_min, budget, host)
-            if host:
-                if bool(sorted_rows.any()):
-                    rows = sorted_rows.nonzero().view(-1)
-                    label[rows] = _sorted_label(z[rows], soft[rows], budget, k_star[rows])
-            else:  # no host sync: compute the sorted label for the batch and keep it where needed
-                label = torch.where(sorted_rows.view(-1, 1), _sorted_label(z, soft, budget, k_star), label)
+            # On accelerators the rows needing the sort cannot be picked out without a host sync, and the sort-free
+            # path is several small kernels per row statistic: sort every row (exact, one sync-free pass).
+            label = _sorted_label(z, soft, budget, z.argmin(dim=1))
     # NaN-poison rows with non-finite logits (only reachable on accelerators, see above).
     return label if host else torch.where(finite, label, torch.full_like(label, float('nan')))
