@@ -1,7 +1,7 @@
 """Cost of the fused ALPS loss against timm's SoftTargetCrossEntropy, forward + backward, at ImageNet-1k and -22k sizes.
 
     python -m benchmarks.label_cost [--rounds 15] [--reps 5] [--threads 1] [--clock wall|cpu] [--before DIR]
-                                    [--device cpu|cuda]
+                                    [--device cpu|cuda] [--out FILE] [--append]
 
 Targets are what `ALPSMixup` hands the loss: dense (B, K) float32 rows (the sample's own label), without and with
 label smoothing 0.1. Both losses get the same targets and the same logits; one step is
@@ -58,6 +58,7 @@ def main(argv=None):
     parser.add_argument('--before', default=None, help='a checkout whose timm_alps/labels.py is the "before" label')
     parser.add_argument('--before-rounds', type=int, default=5, help='rounds in which the (slow) before variant runs')
     parser.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'label_cost.md'))
+    parser.add_argument('--append', action='store_true', help='append this run to --out instead of replacing it')
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.reps < 1:
         parser.error('--rounds must be >= 2 and --reps >= 1')
@@ -143,8 +144,12 @@ def main(argv=None):
         '|' + '---|' * len(header),
     ]
     lines += [_format_row(row, before is not None) for row in rows]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text('\n'.join(lines) + '\n')
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = '\n'.join(lines) + '\n'
+    if args.append and out.exists():
+        text = out.read_text() + '\n' + text
+    out.write_text(text)
     print(f'wrote {args.out}')
 
 

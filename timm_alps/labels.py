@@ -90,8 +90,12 @@ def _check_target(
     if target.numel():
         atol = _ROW_SUM_ATOL.get(target.dtype, _DEFAULT_ATOL)
         row_sum = target.sum(dim=1, dtype=stats_dtype)
-        _check((row_min.min() >= 0) & ((row_sum - 1).abs().max() <= atol),
-               'soft target rows must be non-negative and sum to 1 (a probability distribution per sample)')
+        message = 'soft target rows must be non-negative and sum to 1 (a probability distribution per sample)'
+        if target.device.type == 'cpu':  # the same test on (B,) numpy arrays: no torch dispatch per small op
+            if not (row_min.numpy().min() >= 0 and np.abs(row_sum.numpy() - 1).max() <= atol):
+                raise ValueError(message)
+        else:
+            _check((row_min.min() >= 0) & ((row_sum - 1).abs().max() <= atol), message)
     return target, row_min
 
 
@@ -201,13 +205,16 @@ def _structured_label(z: torch.Tensor, soft: torch.Tensor, row_min: torch.Tensor
     # The cut is at the first special whose end reaches the budget, if every donor before it fits in the budget.
     # Past the last special, only an empty last run (u = 0 or no donor left) is solved: everything is drained.
     reach = budget <= ends
-    cut = np.where(reach.any(axis=1), reach.argmax(axis=1), specials.shape[1] - 1)[:, None]
-    start = np.take_along_axis(starts, cut, axis=1)
-    solved = (start <= budget) & (reach.any(axis=1, keepdims=True) | (last_run <= 0))
+    if specials.shape[1] == 1:
+        reached, start, mass_cut, cut_class = reach, starts, mass, specials
+    else:
+        reached = reach.any(axis=1, keepdims=True)
+        cut = np.where(reached, reach.argmax(axis=1)[:, None], 1)  # none reached: the last special
+        start, mass_cut, cut_class = (np.take_along_axis(x, cut, axis=1) for x in (starts, mass, specials))
+    solved = (start <= budget) & (reached | (last_run <= 0))
     sorted_rows = ~solved[:, 0] | (n_above > 2)
-    take = np.minimum(np.maximum(budget - start, 0), np.take_along_axis(mass, cut, axis=1))
+    take = np.minimum(np.maximum(budget - start, 0), mass_cut)
     moved = np.minimum(ends[:, -1:] + last_run, budget)
-    cut_class = np.take_along_axis(specials, cut, axis=1)
     if specials.shape[1] == 2:  # the mask of the cut special (with one special, it is still in `label`)
         _not_before(z, cut_class, np.take_along_axis(z_s, cut, axis=1), np.take_along_axis(donor, cut, axis=1),
                     out=label)
@@ -268,10 +275,13 @@ def adversarial_label(
     dtype = torch.promote_types(logits.dtype, torch.float32)
     host = logits.device.type == 'cpu'
     z = logits.detach().to(dtype)
-    z_min = z.amin(dim=1, keepdim=True)
-    finite = torch.isfinite(z_min) & torch.isfinite(z.amax(dim=1, keepdim=True))  # NaN propagates into both
-    if host and not bool(finite.all()):
-        raise ValueError('logits contain NaN or inf: the least likely class is undefined (check the model/loss scale)')
+    z_min, z_max = z.amin(dim=1, keepdim=True), z.amax(dim=1, keepdim=True)  # NaN propagates into both
+    if host:
+        if not (np.isfinite(z_min.numpy()).all() and np.isfinite(z_max.numpy()).all()):
+            raise ValueError('logits contain NaN or inf: the least likely class is undefined '
+                             '(check the model/loss scale)')
+    else:
+        finite = torch.isfinite(z_min) & torch.isfinite(z_max)
     budget = float(eps) / 2
 
     if row_min is None:  # class indices: Theorem 1, no sort
