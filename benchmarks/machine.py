@@ -64,6 +64,6 @@ def environment() -> Dict[str, Any]:
     except ImportError:
         alps_version = None
     info = collect_env.get_env_info()._asdict()
-    return dict(info, timm=timm.__version__, timm_alps=alps_version, machine=machine_line(),
+    return dict(info, torch=torch.__version__, timm=timm.__version__, timm_alps=alps_version, machine=machine_line(),
                 cpu=cpu_name(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 host=platform.node(), git_commit=_git_commit())

@@ -29,11 +29,13 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -58,8 +60,11 @@ UNBOUNDED_STEP = 0.01
 # -- presets ---------------------------------------------------------------------------------------------------------
 # `data`: dataset -> default source (an .npz or a shard folder; 'bundled' = the subset shipped with timm_alps).
 # `milestones`: fractions of `epochs` completed when the LR is divided by 10 (the paper: after 100 and 150 of 200).
-# `eval`: attack-suite sizes: clean error on `clean_samples` test images (a fixed permutation), FGSM/PGD (white- and
-# black-box) on the first `samples` of them; APGD-CE, the unbounded check and the eps curve on the first `*_samples`.
+# `eval`: attack-suite sizes, each the first N class-balanced test images: clean error on `clean_samples`, FGSM/PGD
+# (white- and black-box) on `samples`; APGD-CE, the unbounded check, the eps curve and AutoAttack (at each of
+# `autoattack_eps` /255; `autoattack_steps` / `_queries` below 100 / 5000 are not the standard version) on their
+# `*_samples`; `normalised_eps` adds the paper protocol with eps 4/255 in normalised-input units.
+# `methods` / `optional_models`: the default methods, and models --models may add.
 PRESETS: Dict[str, Dict[str, Any]] = {
     'smoke': dict(
         description='every method on a few hundred bundled images for 1 epoch: the pipeline end to end',
@@ -69,8 +74,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         alps_eps=0.3, alps_beta=(8.0, 2.0),
         max_train_samples=256, max_eval_samples=128,
         train_args=['--channels-last'],
-        eval=dict(clean_samples=128, samples=32, batch_size=32, apgd_samples=8, apgd_steps=3, unbounded_samples=8,
-                  unbounded_steps=5, curve_samples=16, curve_eps=(1, 2, 4, 8)),
+        # AutoAttack at toy budgets: the pipeline, not the standard version (the table says so)
+        eval=dict(clean_samples=128, samples=16, batch_size=32, apgd_samples=8, apgd_steps=3, unbounded_samples=8,
+                  unbounded_steps=5, curve_samples=8, curve_eps=(2, 8), autoattack_samples=8,
+                  autoattack_eps=(8,), autoattack_steps=2, autoattack_queries=10, normalised_eps=True),
     ),
     'cpu': dict(
         description='CIFAR-10, width-16 PreActResNet18, the paper recipe with its two /10 steps compressed to '
@@ -86,7 +93,25 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         max_train_samples=None, max_eval_samples=2000,
         train_args=['--channels-last'],
         eval=dict(clean_samples=10000, samples=500, batch_size=250, apgd_samples=100, apgd_steps=25,
-                  unbounded_samples=50, unbounded_steps=50, curve_samples=100, curve_eps=(1, 2, 4, 8)),
+                  unbounded_samples=50, unbounded_steps=50, curve_samples=100, curve_eps=(1, 2, 4, 8),
+                  autoattack_samples=100, autoattack_eps=(8, 4)),
+    ),
+    'cpu-converged': dict(
+        description='CIFAR-10, width-16 PreActResNet18 (w32 with --models) trained to convergence on CPU: the paper '
+                    'recipe (batch 128, SGD 0.1 classical momentum 0.9, wd 1e-4, /10 at 1/2 and 3/4 of the epochs) '
+                    'over 60 epochs (--epochs to change), a 1-epoch LR warm-up for every method (ALPS stalls at LR 0.1 '
+                    'from step 0 at some seeds, see results/cpu-alps-warmup); ERM, MixUp (alpha 1), ALPS (Beta(8, 2), '
+                    'eps 0.3) x 2 seeds, label smoothing and Dropout with --methods',
+        data={'cifar10': '../shared/data/cifar10.npz'},
+        models=('preact_resnet18_w16',), optional_models=('preact_resnet18_w32',),
+        methods=('erm', 'mixup', 'alps'),
+        epochs=60, milestones=(0.5, 0.75), batch_size=128, lr=0.1, seeds=(0, 1), opt='momentum', warmup_epochs=1,
+        alps_eps=0.3, alps_beta=(8.0, 2.0),
+        max_train_samples=None, max_eval_samples=2000,
+        train_args=['--channels-last'],
+        eval=dict(clean_samples=10000, samples=1000, batch_size=250, apgd_samples=500, apgd_steps=100,
+                  unbounded_samples=200, unbounded_steps=200, curve_samples=500, curve_eps=(1, 2, 4, 8),
+                  autoattack_samples=500, autoattack_eps=(8, 4), normalised_eps=True),
     ),
     'paper': dict(
         description='the paper recipe: 200 epochs, batch 128, SGD 0.1 momentum 0.9, /10 at 100 and 150, wd 1e-4, '
@@ -99,7 +124,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         max_train_samples=None, max_eval_samples=None,
         train_args=['--channels-last', '--amp', '--amp-dtype', 'bfloat16', '--loader', 'fast'],
         eval=dict(clean_samples=10000, samples=10000, batch_size=1000, apgd_samples=1000, apgd_steps=100,
-                  unbounded_samples=500, unbounded_steps=200, curve_samples=2000, curve_eps=(1, 2, 4, 8)),
+                  unbounded_samples=500, unbounded_steps=200, curve_samples=2000, curve_eps=(1, 2, 4, 8),
+                  autoattack_samples=1000, autoattack_eps=(8, 4), normalised_eps=True),
     ),
 }
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
@@ -125,16 +151,17 @@ def get_preset(name: str, epochs: Optional[int] = None, seeds: Optional[Sequence
         preset['epochs'] = epochs
     if seeds is not None:
         preset['seeds'] = tuple(seeds)
-    preset['methods'] = tuple(methods) if methods else METHODS
+    preset['methods'] = tuple(methods) if methods else tuple(preset.get('methods', METHODS))
     unknown = [m for m in preset['methods'] if m not in METHODS]
     if unknown:
         raise ValueError(f'unknown method(s) {unknown}; choose from {", ".join(METHODS)}')
     preset['methods'] = tuple(sorted(preset['methods'], key=METHODS.index))
     if models:
-        unknown = [m for m in models if m not in preset['models']]
+        offered = tuple(preset['models']) + tuple(preset.get('optional_models', ()))
+        unknown = [m for m in models if m not in offered]
         if unknown:
-            raise ValueError(f'preset {name!r} has no model(s) {unknown}; it has {", ".join(preset["models"])}')
-        preset['models'] = tuple(m for m in preset['models'] if m in models)
+            raise ValueError(f'preset {name!r} has no model(s) {unknown}; it has {", ".join(offered)}')
+        preset['models'] = tuple(m for m in offered if m in models)
     if datasets:
         unknown = [d for d in datasets if d not in preset['data']]
         if unknown:
@@ -324,7 +351,7 @@ def train_command(run: Run, preset: Dict[str, Any], data_dir: str, dataset_name:
            '--opt', preset.get('opt', 'momentum'), '--lr', str(preset['lr']), '--momentum', '0.9',
            '--weight-decay', '1e-4',
            '--sched', 'multistep', '--decay-milestones', *[str(m) for m in milestones(preset)],
-           '--decay-rate', '0.1', '--warmup-epochs', '0',
+           '--decay-rate', '0.1', '--warmup-epochs', str(preset.get('warmup_epochs', 0)),
            '--seed', str(run.seed), '--output', str(run.group_dir), '--experiment', run.name,
            '--checkpoint-hist', '1', '--no-progress', '--log-interval', '100']
     cmd += METHOD_ARGS[run.method]
@@ -424,9 +451,10 @@ def train(run: Run, cmd: List[str], preset: Dict[str, Any], deadline: Optional[f
     if status == 'finished':
         return status
     meta = _load_meta(run)
-    if meta.get('command') and _recipe(meta['command']) != _recipe(cmd):
-        raise ValueError(f'{run.dir} was started with another command:\n  {shlex.join(meta["command"])}\nnow:\n  '
-                         f'{shlex.join(cmd)}\nDelete that folder or pass another --runs-dir.')
+    changed = recipe_changes(run.dir / 'args.yaml', cmd)
+    if changed:
+        raise ValueError(f'{run.dir} was started with another recipe (its args.yaml vs this command: '
+                         f'{"; ".join(changed)}).\nDelete that folder or pass another --runs-dir.')
     full = list(cmd)
     if status == 'partial':
         full += ['--resume', 'auto']
@@ -470,71 +498,117 @@ def train(run: Run, cmd: List[str], preset: Dict[str, Any], deadline: Optional[f
     return run_status(run, preset)
 
 
-# Flags that change where data lives or how fast training runs, not what is trained: a run may be resumed with
-# other values (e.g. started on one machine, continued on a GPU box with --torchcompile).
-_PLACE_FLAGS = {'--data-dir': 1, '--torchcompile': 1, '--loader': 1, '-j': 1, '--workers': 1, '--amp-dtype': 1,
-                '--channels-last': 0, '--amp': 0, '--no-progress': 0, '--log-interval': 1}
+# train_timm.py arguments that say where data lives, how fast training runs or where it writes, not what is trained:
+# a run may be resumed with other values (e.g. started on one machine, continued on a GPU box with --torchcompile).
+PLACE_ARGS = frozenset({
+    'data_dir', 'data', 'torchcompile', 'torchcompile_mode', 'loader', 'workers', 'amp', 'amp_dtype', 'channels_last',
+    'no_progress', 'progress', 'log_interval', 'output', 'experiment', 'resume', 'overwrite', 'config', 'pin_mem',
+    'no_prefetcher', 'prefetcher', 'device', 'device_type', 'distributed', 'world_size', 'rank', 'local_rank',
+    'checkpoint_hist', 'recovery_interval', 'on_nonfinite'})
 
 
-def _recipe(cmd: Sequence[str]) -> List[str]:
-    out, skip = [], 0
-    for i, c in enumerate(cmd):
-        if skip:
-            skip -= 1
+def _plain(value: Any) -> Any:
+    """YAML and argparse spell the same setting as list/tuple, int/float: compare them as equals."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
+
+
+def recipe_changes(args_yaml: Path, cmd: Sequence[str]) -> List[str]:
+    """What `cmd` (a train_timm.py command) would train differently from the run whose `args.yaml` is given.
+
+    The command is parsed by train_timm.py's own parser (no copy of its flags here); each argument it sets is
+    compared with the run's args.yaml, except those in `PLACE_ARGS`. An argument the command leaves at None is
+    resolved by train_timm.py from the others (e.g. a method's preset), so it is not compared. No args.yaml (a run
+    killed before it started) means nothing to compare.
+
+    Returns:
+        'name: run value -> command value' for each difference (empty when the recipe is the same).
+    """
+    if not args_yaml.is_file():
+        return []
+    import yaml
+    saved = yaml.safe_load(args_yaml.read_text()) or {}
+    new = vars(_train_parser_args(list(cmd[2:])))
+    out = []
+    for key, value in sorted(new.items()):
+        if key in PLACE_ARGS or value is None or key not in saved:
             continue
-        if i < 2:  # the interpreter and the script move between machines
-            out.append(Path(c).name)
-        elif c in _PLACE_FLAGS:
-            skip = _PLACE_FLAGS[c]
-            # `--torchcompile` takes an optional value
-            if c == '--torchcompile' and (i + 1 >= len(cmd) or cmd[i + 1].startswith('-')):
-                skip = 0
-        else:
-            out.append(c)
+        if _plain(saved[key]) != _plain(value):
+            out.append(f'{key}: {saved[key]!r} -> {value!r}')
     return out
 
 
-# -- evaluation --------------------------------------------------------------------------------------------------------
+def _train_parser_args(argv: List[str]) -> argparse.Namespace:
+    """train_timm.py's `parse_args` (flags as that script defines them), imported from the repository root."""
+    import importlib
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module('train_timm').parse_args(argv)
+
+
+# -- evaluation: the library's protocol (timm_alps.attacks.evaluate_robustness / transfer_attack) -------------------
+EVAL_PROTOCOL = 2  # bump when the evaluation changes: cached eval.json files of another protocol are recomputed
+
+
 def _device():
     import torch
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def eval_subset(data_source: str, samples: int):
-    """The first `samples` images of a fixed seeded permutation of the test split: [0, 1] floats and labels."""
-    import torch
+def eval_batches(data_source: str, samples: int, batch_size: int, device):
+    """The first `samples` test images, class-balanced, as the robustness benchmark picks them
+    (`benchmarks.robustness.balanced_first`: the same subsets for every model and both tools)."""
+    from benchmarks.robustness import Batches, balanced_first
+    x, y = _test_split(data_source)
+    if samples < len(y):
+        keep = balanced_first(y, samples)
+        x, y = x[keep], y[keep]
+    return Batches(x, y, batch_size, device)
+
+
+@lru_cache(maxsize=2)
+def _test_split(data_source: str):
+    """The decoded test split (uint8 images, int64 labels), once per process: every subset is cut from it."""
     from timm_alps.data import load_split_tensors
     x, y, _ = load_split_tensors(data_source, 'test')
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(y), generator=g)[:min(samples, len(y))].sort().values
-    return x[idx].float().div_(255), y[idx]
+    return x, y.long()
 
 
-def _batches(x, y, batch_size: int, device):
-    for i in range(0, len(y), batch_size):
-        yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+def _pixel_eps(model, eps_normalised: float) -> float:
+    """An eps given in normalised-input units, in pixel units: eps x the mean of the model's per-channel std."""
+    return float(eps_normalised * model.std.mean())
 
 
-def _error(model, x, y, batch_size: int, device) -> float:
+def paper_attacks(eps: float) -> Dict[str, Any]:
+    """The paper's FGSM and PGD-10 (step eps/4: 1/255 at 4/255, no random start) at radius `eps` (pixels)."""
+    from timm_alps.attacks import fgsm, pgd
+    return {'fgsm': partial(fgsm, eps=eps), 'pgd': partial(pgd, eps=eps, step_size=eps / 4, steps=PGD_STEPS)}
+
+
+def _attack_sets(model, ev: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Attack names -> functions per image subset (`samples`, `apgd_samples`, ...): the white-box suite."""
     import torch
-    wrong = 0
-    with torch.no_grad():
-        for xb, yb in _batches(x, y, batch_size, device):
-            wrong += int((model(xb).argmax(1) != yb).sum())
-    return 100.0 * wrong / len(y)
-
-
-def _attack_all(attack, model, x, y, batch_size: int, device):
-    import torch
-    return torch.cat([attack(model, xb, yb).cpu() for xb, yb in _batches(x, y, batch_size, device)])
-
-
-def _attacks():
-    from timm_alps import attacks as A
-    return {
-        'fgsm': lambda m, x, y: A.fgsm(m, x, y, EPS_PIXELS),
-        'pgd': lambda m, x, y: A.pgd(m, x, y, EPS_PIXELS, PGD_STEP, PGD_STEPS),
-    }
+    from timm_alps.attacks import apgd_ce, unbounded_pgd
+    sets: Dict[str, Dict[str, Any]] = {'samples': paper_attacks(EPS_PIXELS)}
+    if ev.get('normalised_eps'):
+        sets['samples'].update({f'{k}@norm': v for k, v in paper_attacks(_pixel_eps(model, EPS_PIXELS)).items()})
+    sets['apgd_samples'] = {'apgd-ce': partial(apgd_ce, eps=EPS_PIXELS, steps=ev['apgd_steps'],
+                                               generator=torch.Generator(device=_device()).manual_seed(0))}
+    sets['unbounded_samples'] = {'unbounded': partial(unbounded_pgd, steps=ev['unbounded_steps'],
+                                                      step_size=UNBOUNDED_STEP)}
+    sets['curve_samples'] = {f'pgd@{e}': paper_attacks(e / 255)['pgd'] for e in ev['curve_eps']}
+    if ev.get('autoattack_samples'):
+        from timm_alps.autoattack import AutoAttack
+        sets['autoattack_samples'] = {
+            f'autoattack@{e}': AutoAttack(e / 255, steps=ev.get('autoattack_steps', 100),
+                                          n_queries=ev.get('autoattack_queries', 5000), seed=0)
+            for e in ev['autoattack_eps']}
+    return sets
 
 
 def transfer_source(run: Run, seeds: Sequence[int]) -> Run:
@@ -546,99 +620,121 @@ def transfer_source(run: Run, seeds: Sequence[int]) -> Run:
     return Run(run.dataset, run.model, 'erm', seed, group_dir=run.group_dir)
 
 
-def transfer_name(source: Run, ev: Dict[str, Any]) -> str:
-    return f'transfer-{source.name}-n{ev["samples"]}.pt'
-
-
-def craft_transfer(source: Run, data_source: str, ev: Dict[str, Any], log: Any = print) -> Path:
-    """Black-box examples (FGSM, PGD-10) crafted once on the ERM model `source`, cached beside its group."""
-    import torch
-    from timm_alps.attacks import load_checkpoint_model
-    path = source.group_dir / transfer_name(source, ev)
-    if path.is_file() and path.stat().st_mtime >= (source.dir / 'last.pth.tar').stat().st_mtime:
-        return path
-    device = _device()
-    log(f'[reproduce] crafting black-box examples on {source.group}/{source.name}')
-    with _LOAD_LOCK:
-        model = load_checkpoint_model(source.dir / 'last.pth.tar', device)
-    x, y = eval_subset(data_source, ev['samples'])
-    adv = {k: _attack_all(a, model, x, y, ev['batch_size'], device) for k, a in _attacks().items()}
-    tmp = path.with_suffix('.part')
-    torch.save(dict(adv=adv, labels=y, source=source.name), tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def _write_json(path: Path, obj: Dict[str, Any]) -> None:
     tmp = path.with_name(path.name + '.part')
     tmp.write_text(json.dumps(obj, indent=1) + '\n')
     os.replace(tmp, path)
 
 
-def evaluate(run: Run, data_source: str, ev: Dict[str, Any], transfer: Optional[Path], log: Any = print
-             ) -> Dict[str, Any]:
-    """Attack-suite errors (%) of `run`'s final model, cached in `<run>/eval.json`: the white-box part is recomputed
-    only when the checkpoint or the settings change; black-box results are kept per source file."""
-    import torch
-    from timm_alps import attacks as A
+def _eval_key(run: Run, ev: Dict[str, Any]) -> Dict[str, Any]:
+    key = json.loads(json.dumps(ev))  # tuples -> lists, as read back from eval.json
+    key.update(checkpoint_mtime=(run.dir / 'last.pth.tar').stat().st_mtime, protocol=EVAL_PROTOCOL)
+    return key
+
+
+def _load_eval(run: Run, ev: Dict[str, Any]) -> Dict[str, Any]:
     path = run.dir / 'eval.json'
-    ckpt = run.dir / 'last.pth.tar'
-    key = dict(ev, checkpoint_mtime=ckpt.stat().st_mtime)
-    key['curve_eps'] = list(key['curve_eps'])
     result = json.loads(path.read_text()) if path.is_file() else {}
-    if result.get('key') != key:
-        result = dict(key=key, black={})
-    need_black = transfer is not None and transfer.name not in result['black']
-    if 'errors' in result and not need_black:
-        return result
-    device = _device()
+    return result if result.get('key') == _eval_key(run, ev) else dict(key=_eval_key(run, ev), black={})
+
+
+def _load_model(run: Run):
+    from timm_alps.attacks import load_checkpoint_model
     with _LOAD_LOCK:
-        model = A.load_checkpoint_model(ckpt, device)
-    bs = ev['batch_size']
-    t0 = time.time()
-    if 'errors' not in result:
-        log(f'[reproduce] evaluating {run.group}/{run.name} (white-box)')
-        xc, yc = eval_subset(data_source, ev['clean_samples'])
-        x, y = eval_subset(data_source, ev['samples'])
-        errors: Dict[str, float] = {'clean': _error(model, xc, yc, bs, device),
-                                    'clean-attack-subset': _error(model, x, y, bs, device)}
-        for name, attack in _attacks().items():
-            errors[f'white-box/{name}'] = _error(model, _attack_all(attack, model, x, y, bs, device), y, bs, device)
-        n = ev['apgd_samples']
-        apgd = lambda m, xb, yb: A.apgd_ce(m, xb, yb, EPS_PIXELS, steps=ev['apgd_steps'],  # noqa: E731
-                                           generator=torch.Generator(device=xb.device).manual_seed(0))
-        errors['white-box/apgd-ce'] = _error(model, _attack_all(apgd, model, x[:n], y[:n], bs, device), y[:n], bs,
-                                             device)
-        n = ev['unbounded_samples']
-        unb = lambda m, xb, yb: A.unbounded_pgd(m, xb, yb, steps=ev['unbounded_steps'],  # noqa: E731
-                                                step_size=UNBOUNDED_STEP)
-        unbounded_acc = 100.0 - _error(model, _attack_all(unb, model, x[:n], y[:n], bs, device), y[:n], bs, device)
-        n = ev['curve_samples']
-        curve = {0: _error(model, x[:n], y[:n], bs, device)}
-        for e in ev['curve_eps']:
-            att = lambda m, xb, yb, e=e: A.pgd(m, xb, yb, e / 255, e / 255 / 4, PGD_STEPS)  # noqa: E731
-            curve[e] = _error(model, _attack_all(att, model, x[:n], y[:n], bs, device), y[:n], bs, device)
-        result.update(errors=errors, unbounded_accuracy=unbounded_acc,
-                      gradient_masking_suspected=A.gradient_masking_suspected(unbounded_acc),
-                      pgd_curve={str(k): v for k, v in curve.items()}, device=str(device),
-                      seconds=round(time.time() - t0, 1))
-        _write_json(path, result)
-    if need_black:
-        t1 = time.time()
-        with _LOAD_LOCK:
-            cached = torch.load(transfer, weights_only=True)
-        black = {f'black-box/{name}': _error(model, adv, cached['labels'], bs, device)
-                 for name, adv in cached['adv'].items()}
-        result['black'][transfer.name] = dict(black, source=cached['source'])
-        result['seconds'] = round(result.get('seconds', 0) + time.time() - t1, 1)
-        _write_json(path, result)
+        return load_checkpoint_model(run.dir / 'last.pth.tar', _device())
+
+
+def evaluate(run: Run, data_source: str, ev: Dict[str, Any], log: Any = print) -> Dict[str, Any]:
+    """White-box errors (%) of `run`'s final model through `evaluate_robustness`, cached in `<run>/eval.json`
+    (recomputed only when the checkpoint, the settings or the protocol change).
+
+    Clean error on the first `clean_samples` class-balanced test images; FGSM / PGD-10 at 4/255 (and, with
+    `normalised_eps`, at 4/255 in normalised-input units) on the first `samples`; APGD-CE, the unbounded check,
+    AutoAttack (standard) and the PGD eps curve on their own first-N subsets.
+    """
+    from timm_alps.attacks import evaluate_robustness, gradient_masking_suspected
+    result = _load_eval(run, ev)
+    if 'errors' in result:
+        return result
+    log(f'[reproduce] evaluating {run.group}/{run.name} (white-box)')
+    device, t0 = _device(), time.time()
+    model = _load_model(run)
+    name = run.name
+    errors: Dict[str, float] = {}
+    autoattack: Dict[str, Any] = {}
+    clean = evaluate_robustness({name: model}, eval_batches(data_source, ev['clean_samples'], ev['batch_size'],
+                                                            device), progress=False)
+    errors['clean'] = clean.errors[name]['clean']
+    for subset, attacks in _attack_sets(model, ev).items():
+        res = evaluate_robustness({name: model}, eval_batches(data_source, ev[subset], ev['batch_size'], device),
+                                  attacks=attacks, progress=False)
+        errors[f'clean@{subset}'] = res.errors[name]['clean']
+        errors.update({k: v for k, v in res.errors[name].items() if k != 'clean'})  # 'white-box/<attack>'
+        for attack_name, attack in attacks.items():
+            if attack_name.startswith('autoattack'):
+                aa = attack.result(model)
+                autoattack[attack_name] = dict(
+                    acc_after={a: aa.acc_after(a) for a in aa.robust}, flags=aa.flags, n_examples=aa.n_examples,
+                    seconds=round(sum(aa.seconds.values()), 1))
+    unbounded_acc = 100.0 - errors.pop('white-box/unbounded')
+    curve = {'0': errors['clean@curve_samples']}
+    curve.update({str(e): errors.pop(f'white-box/pgd@{e}') for e in ev['curve_eps']})
+    if ev.get('normalised_eps'):
+        errors['eps_normalised_pixels'] = _pixel_eps(model, EPS_PIXELS)
+    result.update(errors=errors, unbounded_accuracy=unbounded_acc,
+                  gradient_masking_suspected=gradient_masking_suspected(unbounded_acc), pgd_curve=curve,
+                  autoattack=autoattack, device=str(device), seconds=round(time.time() - t0, 1))
+    _write_json(run.dir / 'eval.json', result)
     return result
 
 
+def evaluate_black_box(source: Run, targets: Sequence[Run], data_source: str, ev: Dict[str, Any],
+                       log: Any = print) -> None:
+    """Black-box errors of `targets` under FGSM / PGD-10 crafted once on the ERM model `source` (`transfer_attack`:
+    one crafting per batch for all targets), stored in each target's eval.json under the source's name."""
+    from timm_alps.attacks import transfer_attack
+    pending = [t for t in targets if source.name not in _load_eval(t, ev).get('black', {})]
+    if not pending:
+        return
+    log(f'[reproduce] black-box examples crafted on {source.group}/{source.name} for '
+        f'{", ".join(t.name for t in pending)}')
+    t0 = time.time()
+    src = _load_model(source)
+    models = {t.name: _load_model(t) for t in pending}
+    attacks = paper_attacks(EPS_PIXELS)
+    if ev.get('normalised_eps'):
+        attacks.update({f'{k}@norm': v for k, v in paper_attacks(_pixel_eps(src, EPS_PIXELS)).items()})
+    res = transfer_attack(src, models, eval_batches(data_source, ev['samples'], ev['batch_size'], _device()),
+                          attacks, progress=False)
+    for t in pending:
+        result = _load_eval(t, ev)
+        result['black'][source.name] = dict({k: v for k, v in res.errors[t.name].items() if k != 'clean'},
+                                            seconds=round(time.time() - t0, 1))
+        _write_json(t.dir / 'eval.json', result)
+
+
 # -- results -----------------------------------------------------------------------------------------------------------
-TABLE_METRICS = ('clean', 'white-box/fgsm', 'white-box/pgd', 'black-box/fgsm', 'black-box/pgd', 'white-box/apgd-ce')
+PAPER_METRICS = ('clean', 'white-box/fgsm', 'white-box/pgd', 'black-box/fgsm', 'black-box/pgd')
 METRIC_LABELS = {'clean': 'clean', 'white-box/fgsm': 'FGSM white', 'white-box/pgd': 'PGD-10 white',
-                 'black-box/fgsm': 'FGSM black', 'black-box/pgd': 'PGD-10 black', 'white-box/apgd-ce': 'APGD-CE white'}
+                 'black-box/fgsm': 'FGSM black', 'black-box/pgd': 'PGD-10 black', 'white-box/apgd-ce': 'APGD-CE white',
+                 'white-box/fgsm@norm': 'FGSM white (eps norm.)', 'white-box/pgd@norm': 'PGD-10 white (eps norm.)',
+                 'black-box/fgsm@norm': 'FGSM black (eps norm.)', 'black-box/pgd@norm': 'PGD-10 black (eps norm.)'}
+
+
+def table_metrics(ev: Dict[str, Any]) -> List[str]:
+    """The table's columns for an evaluation config: the paper's, APGD-CE, AutoAttack per eps, and (with
+    `normalised_eps`) the paper protocol with eps in normalised-input units."""
+    metrics = list(PAPER_METRICS) + ['white-box/apgd-ce']
+    metrics += [f'white-box/autoattack@{e}' for e in ev.get('autoattack_eps', ()) if ev.get('autoattack_samples')]
+    if ev.get('normalised_eps'):
+        metrics += [f'{box}/{a}@norm' for box in ('white-box', 'black-box') for a in ('fgsm', 'pgd')]
+    return metrics
+
+
+def metric_label(metric: str) -> str:
+    if metric.startswith('white-box/autoattack@'):
+        return f'AutoAttack {metric.rsplit("@", 1)[1]}/255'
+    return METRIC_LABELS[metric]
 
 
 def collect(run: Run, preset: Dict[str, Any]) -> Dict[str, Any]:
@@ -662,21 +758,23 @@ def collect(run: Run, preset: Dict[str, Any]) -> Dict[str, Any]:
     path = run.dir / 'eval.json'
     ev = json.loads(path.read_text()) if rec['status'] == 'finished' and path.is_file() else {}
     rec['errors'].update(ev.get('errors', {}))
-    black = ev.get('black', {}).get(transfer_name(transfer_source(run, preset['seeds']), preset['eval']), {})
+    source = transfer_source(run, preset['seeds']).name
+    black = ev.get('black', {}).get(source, {})
     rec['errors'].update({k: v for k, v in black.items() if k.startswith('black-box/')})
-    rec['black_source'] = black.get('source')
+    rec['black_source'] = source if black else None
     if 'unbounded_accuracy' in ev:
         rec['unbounded_accuracy'] = ev['unbounded_accuracy']
         rec['gradient_masking_suspected'] = ev['gradient_masking_suspected']
         rec['pgd_curve'] = {float(k): v for k, v in ev['pgd_curve'].items()}
         rec['eval_seconds'] = ev['seconds']
+        rec['autoattack'] = ev.get('autoattack', {})
+        rec['eps_normalised_pixels'] = ev['errors'].get('eps_normalised_pixels')
     return rec
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float('nan')
-    return m, s
+    """Mean and sample standard deviation (NaN for one value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float('nan')
 
 
 def _fmt(values: Sequence[float]) -> str:
@@ -686,7 +784,8 @@ def _fmt(values: Sequence[float]) -> str:
     return f'{m:.2f}' if len(values) == 1 else f'{m:.2f} ± {s:.2f}'
 
 
-def aggregate(records: Sequence[Dict[str, Any]], seeds: Sequence[int]) -> List[Dict[str, Any]]:
+def aggregate(records: Sequence[Dict[str, Any]], seeds: Sequence[int],
+              metrics: Sequence[str] = PAPER_METRICS + ('white-box/apgd-ce',)) -> List[Dict[str, Any]]:
     """Per (group, method, tag): values per metric over the finished seeds."""
     from benchmarks.paper_numbers import paper_error
     rows = []
@@ -701,13 +800,17 @@ def aggregate(records: Sequence[Dict[str, Any]], seeds: Sequence[int]) -> List[D
         row = dict(group=group, dataset=r0['dataset'], model=r0['model'], method=method, tag=tag, alps=r0['alps'],
                    seeds_planned=len(seeds), seeds_done=[r['seed'] for r in recs if r['status'] == 'finished'],
                    values={}, paper={})
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             row['values'][metric] = [r['errors'][metric] for r in recs if metric in r['errors']]
-            if not tag:  # the main comparison; sweep tables drop these
+            paper_metric = metric.replace('@norm', '')
+            if not tag and paper_metric in PAPER_METRICS:  # the main comparison; sweep tables drop these
                 row['paper'][metric] = paper_error(r0['dataset'], PAPER_MODEL.get(r0['model'], r0['model']), method,
-                                                   metric)
+                                                   paper_metric)
         row['unbounded'] = [r['unbounded_accuracy'] for r in recs if 'unbounded_accuracy' in r]
         row['masking'] = any(r.get('gradient_masking_suspected') for r in recs)
+        row['autoattack_flags'] = sorted({f'{flag}@{name.split("@")[1]}' for r in recs
+                                          for name, aa in r.get('autoattack', {}).items()
+                                          for flag, value in aa['flags'].items() if value})
         rows.append(row)
     return rows
 
@@ -737,17 +840,43 @@ def goal_checks(rows: Sequence[Dict[str, Any]], samples: Optional[Dict[str, int]
             if n:
                 pa, pb = a / 100, b / 100
                 se = 100 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n)
-                line += f'; {"within" if abs(a - b) < 2 * se else "beyond"} noise: 2 SE = {2 * se:.2f} on {n} images'
+                line += f'; {"within" if abs(a - b) <= 2 * se else "beyond"} noise: 2 SE = {2 * se:.2f} on {n} images'
             lines.append(line + ')')
 
         check('ALPS clean error <= MixUp', 'clean', mean('alps', 'clean'), mean('mixup', 'clean'),
               lambda a, b: a <= b, '<=')
         check('MixUp clean error < ERM', 'clean', mean('mixup', 'clean'), mean('erm', 'clean'), lambda a, b: a < b,
               '<')
-        for metric in ('white-box/fgsm', 'white-box/pgd'):
+        robust = ['white-box/fgsm', 'white-box/pgd'] + sorted(
+            {m for r in by.values() for m in r['values'] if m.startswith('white-box/autoattack@')},
+            key=lambda m: -int(m.rsplit('@', 1)[1]))
+        for metric in robust:
             for base in ('erm', 'mixup'):
-                check(f'ALPS {METRIC_LABELS[metric]} error < {METHOD_LABELS[base]}', metric, mean('alps', metric),
+                check(f'ALPS {metric_label(metric)} error < {METHOD_LABELS[base]}', metric, mean('alps', metric),
                       mean(base, metric), lambda a, b: a < b, '<')
+    return lines
+
+
+def eps_hypothesis(rows: Sequence[Dict[str, Any]], pixels: Optional[float] = None) -> List[str]:
+    """Which reading of the paper's radius 4 reproduces its ERM and MixUp white-box figures: 4/255 in pixel units
+    (our protocol) or 4/255 applied to the normalised input (`@norm` columns)? One line per method and attack."""
+    lines = []
+    for row in rows:
+        if row['tag'] or row['method'] not in ('erm', 'mixup'):
+            continue
+        for metric in ('white-box/fgsm', 'white-box/pgd', 'black-box/fgsm', 'black-box/pgd'):
+            paper, ours, norm = row['paper'].get(metric), row['values'].get(metric), row['values'].get(
+                f'{metric}@norm')
+            if not paper or not ours or not norm:
+                continue
+            a, b = statistics.mean(ours), statistics.mean(norm)
+            gap_norm, gap_pixel = abs(b - paper[0]), abs(a - paper[0])
+            closer = ('neither (a tie)' if gap_norm == gap_pixel else
+                      'normalised-input eps' if gap_norm < gap_pixel else 'pixel eps')
+            lines.append(f'- {row["group"]}: {METHOD_LABELS[row["method"]]} {METRIC_LABELS[metric]}: paper '
+                         f'{paper[0]:.2f}; pixel eps 4/255 {a:.2f}; normalised-input eps 4/255 '
+                         f'{"(" + format(pixels * 255, ".2f") + "/255 in pixels) " if pixels else ""}{b:.2f}: '
+                         f'**{closer}** is closer')
     return lines
 
 
@@ -773,24 +902,41 @@ def eps_table(records: Sequence[Dict[str, Any]]) -> List[str]:
 
 def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, invocation: str,
                   data: Dict[str, str], sweep: Optional[str] = None) -> Path:
-    """table.md / table.csv (or sweep-<name>.md/.csv), curves.png, eps.png, runs.csv, commands.md, environment.json."""
+    """table.md / table.csv (or sweep-<name>.md/.csv), curves.png, eps.png, runs.csv, commands.md, environment.json.
+
+    Returns:
+        The path of the markdown table.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     records = [collect(r, preset) for r in runs]
-    rows = aggregate(records, preset['seeds'])
+    metrics = table_metrics(preset['eval'])
+    rows = aggregate(records, preset['seeds'], metrics)
     rows.sort(key=lambda r: (r['group'], METHODS.index(r['method']), r.get('alps', {}).get('alps_eps', 0),
                              tuple(r.get('alps', {}).get('alps_beta', ()))))
     if sweep:
         for row in rows:
             row['paper'] = {}  # the paper gives no per-setting numbers
     stem = f'sweep-{parse_sweep(sweep)[0]}' if sweep else 'table'
-    runs_csv, commands_md = (f'{stem}-runs.csv', f'{stem}-commands.md') if sweep else ('runs.csv', 'commands.md')
+    names = dict(runs_csv=f'{stem}-runs.csv', commands_md=f'{stem}-commands.md') if sweep else dict(
+        runs_csv='runs.csv', commands_md='commands.md')
+    write_table_csv(rows, metrics, out_dir / f'{stem}.csv')
+    write_table_md(rows, records, metrics, preset, out_dir / f'{stem}.md', sweep, **names)
+    write_runs_csv(records, runs, out_dir / names['runs_csv'])
+    if not sweep:
+        _plot(records, out_dir, preset)
+    write_commands(records, runs, preset, out_dir / names['commands_md'], invocation, data)
+    write_environment(out_dir / 'environment.json')
+    return out_dir / f'{stem}.md'
 
-    with open(out_dir / f'{stem}.csv', 'w', newline='') as f:
+
+def write_table_csv(rows: Sequence[Dict[str, Any]], metrics: Sequence[str], path: Path) -> None:
+    """One line per (method, setting, metric): mean, std, the per-seed values and the paper's mean/std."""
+    with open(path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['dataset', 'model', 'method', 'setting', 'metric', 'mean', 'std', 'n_seeds', 'seeds_planned',
                     'values', 'paper_mean', 'paper_std'])
         for row in rows:
-            for metric in TABLE_METRICS:
+            for metric in metrics:
                 vals = row['values'][metric]
                 m, s = _mean_std(vals) if vals else (float('nan'), float('nan'))
                 p = row['paper'].get(metric)
@@ -798,25 +944,48 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
                             f'{m:.3f}', f'{s:.3f}', len(vals), row['seeds_planned'],
                             ' '.join(f'{v:.2f}' for v in vals), p[0] if p else '', p[1] if p else ''])
 
+
+def _protocol_text(preset: Dict[str, Any]) -> str:
     ev = preset['eval']
-    md = [f'# ALPS reproduction: preset `{preset["name"]}`' + (f', sweep `{sweep}`' if sweep else ''), '',
-          f'{preset["description"]}.', '',
-          f'Top-1 test error (%), mean ± std over the finished seeds (n = seeds finished of {len(preset["seeds"])} '
-          f'planned), beside the paper\'s number in brackets (paper: full-width model, 200 epochs). '
-          f'Clean error is on the first {ev["clean_samples"]} test images of a fixed permutation; attacks use the '
-          f'first {ev["samples"]} of them (APGD-CE: the first {ev["apgd_samples"]}, {ev["apgd_steps"]} steps). '
-          f'FGSM radius 4/255; PGD-10 step 1/255 radius 4/255; white-box = the model attacks itself; black-box = '
-          + ('examples crafted on the ERM model of the next seed (cyclic: seed s is attacked with examples from '
+    text = (f'Top-1 test error (%), mean ± std over the finished seeds (n = seeds finished of '
+            f'{len(preset["seeds"])} planned), beside the paper\'s number in brackets (paper: full-width model, 200 '
+            f'epochs). Every number comes from `timm_alps.attacks.evaluate_robustness` / `transfer_attack` on the '
+            f'first N class-balanced test images (the subsets of `python -m benchmarks.robustness --max-samples N`): '
+            f'clean error on {ev["clean_samples"]}, FGSM / PGD-10 on {ev["samples"]}, APGD-CE on '
+            f'{ev["apgd_samples"]} ({ev["apgd_steps"]} steps)')
+    if ev.get('autoattack_samples'):
+        steps, queries = ev.get('autoattack_steps', 100), ev.get('autoattack_queries', 5000)
+        version = 'standard version' if (steps, queries) == (100, 5000) else \
+            f'NOT the standard version: {steps} iterations, {queries} Square queries'
+        text += f', AutoAttack ({version}, L-inf, `timm_alps.autoattack`) on {ev["autoattack_samples"]}'
+    text += ('. FGSM radius 4/255; PGD-10 step 1/255 radius 4/255, both in [0, 1] pixel units; white-box = the model '
+             'attacks itself; black-box = ')
+    text += ('examples crafted on the ERM model of the next seed (cyclic: seed s is attacked with examples from '
              'erm-s(s+1)), so every row, ERM included, is a transfer between independently trained models.'
              if len(preset['seeds']) > 1 else
              'examples crafted on the ERM model of the same seed (one seed only: ERM\'s black-box equals its '
-             'white-box).'), '',
-          f'Machine: {_machines(records)}.', '']
+             'white-box).')
+    if ev.get('normalised_eps'):
+        text += (' Columns "(eps norm.)": the same attacks with eps = 4/255 in normalised-input units, i.e. '
+                 '4/255 x the mean per-channel std in pixels (about 1/255 on CIFAR): the hypothesis that the paper '
+                 'applied its radius to the normalised input.')
+    return text
+
+
+def write_table_md(rows: Sequence[Dict[str, Any]], records: Sequence[Dict[str, Any]], metrics: Sequence[str],
+                   preset: Dict[str, Any], path: Path, sweep: Optional[str], runs_csv: str, commands_md: str) -> None:
+    """The table, the goals checked beyond noise, the eps-hypothesis lines, the PGD-vs-eps table."""
+    ev = preset['eval']
+    md = [f'# ALPS reproduction: preset `{preset["name"]}`' + (f', sweep `{sweep}`' if sweep else ''), '',
+          f'{preset["description"]}.', '', _protocol_text(preset), '', f'Machine: {_machines(records)}.', '']
+    if any(r['status'] != 'finished' for r in records):
+        done = sum(r['status'] == 'finished' for r in records)
+        md += [f'**Partial**: {done} of {len(records)} runs finished; missing cells are runs still to train.', '']
     for group in dict.fromkeys(r['group'] for r in rows):
         grows = [r for r in rows if r['group'] == group]
         md += [f'## {group} ({preset["epochs"]} epochs; LR {preset["lr"]:g}, /10 from epochs '
                f'{" and ".join(map(str, milestones(preset)))} on, 1-based)', '']
-        head = ['method' if not sweep else 'ALPS setting', 'seeds'] + [METRIC_LABELS[m] for m in TABLE_METRICS] + \
+        head = ['method' if not sweep else 'ALPS setting', 'seeds'] + [metric_label(m) for m in metrics] + \
             ['unbounded PGD acc.']
         md += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for row in grows:
@@ -824,21 +993,27 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
             if sweep:
                 a, b = row['alps']['alps_beta']
                 label = f'eps {row["alps"]["alps_eps"]:g}, Beta({a:g}, {b:g})'
-            cells = [label,
-                     f'{len(row["seeds_done"])}/{row["seeds_planned"]}']
-            for metric in TABLE_METRICS:
+            cells = [label, f'{len(row["seeds_done"])}/{row["seeds_planned"]}']
+            for metric in metrics:
                 cell = _fmt(row['values'][metric])
                 p = row['paper'].get(metric)
                 if p:
                     cell += f' [{p[0]:.2f}]'
                 cells.append(cell)
-            unb = _fmt(row['unbounded'])
-            cells.append(unb + (' (masking?)' if row['masking'] else ''))
+            cells.append(_fmt(row['unbounded']) + (' (masking?)' if row['masking'] else ''))
             md.append('| ' + ' | '.join(cells) + ' |')
-        md.append('')
+        flagged = [f'{METHOD_LABELS[r["method"]]}: {", ".join(r["autoattack_flags"])}' for r in grows
+                   if r.get('autoattack_flags')]
+        md += ['', 'AutoAttack sanity flags: ' + ('; '.join(flagged) if flagged else 'none raised') + '.'
+               if ev.get('autoattack_samples') else '', '']
     if not sweep:
         samples = {'clean': ev['clean_samples'], 'white-box/fgsm': ev['samples'], 'white-box/pgd': ev['samples']}
-        md += ['## The issue\'s goals, checked', ''] + goal_checks(rows, samples) + ['']
+        samples.update({f'white-box/autoattack@{e}': ev.get('autoattack_samples') for e in ev.get('autoattack_eps', ())})
+        md += ['## The paper\'s claims, checked', ''] + goal_checks(rows, samples) + ['']
+        if ev.get('normalised_eps'):
+            pixels = next((r['eps_normalised_pixels'] for r in records if r.get('eps_normalised_pixels')), None)
+            md += ['## What the paper\'s "radius 4" means', ''] + (
+                eps_hypothesis(rows, pixels) or ['- not measured yet (ERM / MixUp runs missing)']) + ['']
         md += eps_table(records)
     md += ['Unbounded PGD (eps = inf, step 0.01, '
            f'{ev["unbounded_steps"]} steps, first {ev["unbounded_samples"]} images): accuracy must fall to ~0%; '
@@ -848,9 +1023,12 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
             if not sweep else '') +
            f'Per-run status, wall time and throughput: [{runs_csv}]({runs_csv}); exact commands: '
            f'[{commands_md}]({commands_md}); software and machine: [environment.json](environment.json).', '']
-    (out_dir / f'{stem}.md').write_text('\n'.join(md))
+    path.write_text('\n'.join(md))
 
-    with open(out_dir / runs_csv, 'w', newline='') as f:
+
+def write_runs_csv(records: Sequence[Dict[str, Any]], runs: Sequence[Run], path: Path) -> None:
+    """Status, epochs, wall time, throughput and clean error per run."""
+    with open(path, 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['group', 'run', 'status', 'epochs_done', 'train_seconds', 'train_img_per_sec', 'eval_seconds',
                     'clean_error'])
@@ -859,21 +1037,25 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
                         f'{r["img_per_sec"]:.0f}' if r['img_per_sec'] else '', r.get('eval_seconds', ''),
                         f'{r["errors"]["clean"]:.2f}' if 'clean' in r['errors'] else ''])
 
-    if not sweep:
-        _plot(records, out_dir, preset)
+
+def write_commands(records: Sequence[Dict[str, Any]], runs: Sequence[Run], preset: Dict[str, Any], path: Path,
+                   invocation: str, data: Dict[str, str]) -> None:
+    """The runner calls that produced the runs, this call, and every training command."""
     invocations = list(dict.fromkeys(
         sl['invocation'] for run in runs for sl in _load_meta(run).get('slices', []) if sl.get('invocation')))
     cmds = [f'# Commands of preset `{preset["name"]}`', '', 'Runner calls that trained and attacked these runs, then '
             'the one that wrote this folder:', '', '```bash', *invocations, invocation, '```', '',
             'Training runs (the runner adds `--resume auto` to continue an interrupted run; '
             'paths are those of the machine that ran them):', '', '```bash']
-    for r, run in zip(records, runs):
-        if r['command']:
-            cmds.append(shlex.join(r['command']))
+    cmds += [shlex.join(r['command']) for r in records if r['command']]
     cmds += ['```', '', f'Data: {json.dumps(data)}', '']
-    (out_dir / commands_md).write_text('\n'.join(cmds))
-    (out_dir / 'environment.json').write_text(json.dumps(environment(), indent=1) + '\n')
-    return out_dir / f'{stem}.md'
+    path.write_text('\n'.join(cmds))
+
+
+def write_environment(path: Path) -> None:
+    """`benchmarks.machine.environment()`: torch.utils.collect_env's report plus timm, timm_alps, git commit."""
+    from benchmarks.machine import environment
+    path.write_text(json.dumps(environment(), indent=1) + '\n')
 
 
 def _plot(records: Sequence[Dict[str, Any]], out_dir: Path, preset: Dict[str, Any]) -> None:
@@ -923,47 +1105,14 @@ def _plot(records: Sequence[Dict[str, Any]], out_dir: Path, preset: Dict[str, An
     plt.close(fig)
 
 
-def environment() -> Dict[str, Any]:
-    """Software versions and the machine, for the record."""
-    import numpy
-    import timm
-    import torch
-    import timm_alps
-    env = dict(python=sys.version.split()[0], torch=torch.__version__, timm=timm.__version__,
-               timm_alps=getattr(timm_alps, '__version__', '?'), numpy=numpy.__version__,
-               platform=platform.platform(), machine=platform.machine(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
-               torch_threads=torch.get_num_threads(),
-               gpu=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or None,
-               cuda=torch.version.cuda if torch.cuda.is_available() else None)
-    try:
-        env['git_commit'] = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
-                                           check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env['git_commit'] = None
-    return env
-
-
 def _machine_line() -> str:
-    import torch
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    if gpus:
-        return f'{", ".join(gpus)} (CUDA {torch.version.cuda})'
-    return f'CPU {_cpu_name()}, {os.cpu_count()} cores'
+    from benchmarks.machine import machine_line
+    return machine_line()
 
 
 def _machines(records: Sequence[Dict[str, Any]]) -> str:
     seen = list(dict.fromkeys(m for r in records for m in r.get('machines', [])))
     return '; '.join(seen) if seen else 'no run yet'
-
-
-def _cpu_name() -> Optional[str]:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 # -- main --------------------------------------------------------------------------------------------------------------
@@ -1023,6 +1172,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.sweep:
             parse_sweep(args.sweep)
         data = resolve_data(preset, args.data)
+        if preset['eval'].get('autoattack_samples') and not (args.no_eval or args.dry_run or args.report_only):
+            from timm_alps.autoattack import _torchattacks
+            try:
+                _torchattacks()
+            except ImportError as e:
+                raise ValueError(f'{e}; or pass --no-eval') from e
     except ValueError as e:
         print(f'reproduce: error: {e}', file=sys.stderr)
         return 2
@@ -1048,10 +1203,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ddir, dname, _ = prepared[run.dataset]
             print(f'# {run.group}/{run.name}: {run_status(run, preset)}')
             print(shlex.join(train_command(run, preset, ddir, dname)))
-        ev = preset['eval']
-        print(f'# then per run: attack suite on {ev["samples"]} test images (timm_alps.attacks: FGSM/PGD-10 '
-              f'white- and black-box from the ERM model of the next seed, APGD-CE x{ev["apgd_samples"]}, unbounded x'
-              f'{ev["unbounded_samples"]}); results -> {results}')
+        print('# then per run (timm_alps.attacks.evaluate_robustness / transfer_attack): ' + _protocol_text(preset)
+              + f' Results -> {results}')
         return 0
 
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -1104,17 +1257,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def evaluate_finished(runs: Sequence[Run], preset: Dict[str, Any], data: Dict[str, str],
                       prepared: Dict[str, Tuple[str, str, List[str]]], log: Any = print) -> None:
-    """Attack every finished run that lacks results (cached, so a no-op for the others)."""
+    """Attack every finished run that lacks results (cached, so a no-op for the others): white-box per run, then
+    black-box per ERM source, crafted once for all the finished runs it attacks."""
     ev = preset['eval']
-    for run in runs:
-        if run_status(run, preset) != 'finished':
-            continue
-        source_data = data[run.dataset] if data[run.dataset] != 'bundled' else prepared[run.dataset][0]
+    finished = [run for run in runs if run_status(run, preset) == 'finished']
+    by_source: Dict[Tuple[str, str], Tuple[Run, List[Run]]] = {}
+    for run in finished:
+        data_source = data[run.dataset] if data[run.dataset] != 'bundled' else prepared[run.dataset][0]
+        evaluate(run, data_source, ev, log=log)
         source = transfer_source(run, preset['seeds'])
-        transfer = None
         if run_status(source, preset) == 'finished':
-            transfer = craft_transfer(source, source_data, ev, log=log)
-        evaluate(run, source_data, ev, transfer, log=log)
+            by_source.setdefault((str(source.dir), data_source), (source, []))[1].append(run)
+    for (_, data_source), (source, targets) in by_source.items():
+        evaluate_black_box(source, targets, data_source, ev, log=log)
 
 
 if __name__ == '__main__':

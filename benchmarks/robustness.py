@@ -260,6 +260,7 @@ def rows_from_result(result, names, paths, args, paper: Optional[str], models=No
             for flag in ('randomized', 'zero_gradients', 'square_stronger'):
                 value = aa_result.flags[flag] if aa_result else None
                 row[f'aa_{flag}'] = '' if value is None else str(value).lower()
+            row['aa_seconds'] = f'{sum(aa_result.seconds.values()):.1f}' if aa_result else ''
             row['unbounded_acc'] = _fmt(None if unbounded is None else 100.0 - unbounded)
             row['gradient_masking'] = '' if unbounded is None else str(
                 gradient_masking_suspected(100.0 - unbounded, args.masking_threshold)).lower()
@@ -342,12 +343,13 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
                   'input gradient; *Square stronger* = the black-box Square broke > 0.2% of the images the '
                   'white-box attacks left robust. Any flag means the white-box numbers may flatter the model.', '',
                   '| Method | eps | Clean acc. | APGD-CE | APGD-T | FAB-T | Square | randomized | zero grad. | '
-                  'Square stronger |', '|---|---|---|---|---|---|---|---|---|---|']
+                  'Square stronger | time (s) |', '|---|---|---|---|---|---|---|---|---|---|---|']
         for r in rows:
             accs = [r[f'aa_{a}_acc'] or 'n/a' for a in STANDARD_ATTACKS]
             clean = _fmt(100.0 - float(r['clean_err'])) if r['clean_err'] != '' else 'n/a'
             lines.append(f'| {r["method"]} | {r["eps_label"]} | {clean} | ' + ' | '.join(accs) + ' | '
-                         f'{r["aa_randomized"]} | {r["aa_zero_gradients"]} | {r["aa_square_stronger"]} |')
+                         f'{r["aa_randomized"]} | {r["aa_zero_gradients"]} | {r["aa_square_stronger"]} | '
+                         f'{r["aa_seconds"]} |')
     if 'unbounded' in args.attacks:
         lines += ['', f'## Unbounded PGD sanity check (eps = inf, {args.unbounded_steps} steps of '
                       f'{args.unbounded_step_size:g})', '',
@@ -391,6 +393,7 @@ def write_json(rows, path: Path, args, meta: Dict[str, str]) -> None:
                     entry[f'{key}_acc'] = _acc(r[f'{key}_err'])
             entry['autoattack_acc_after'] = {a: float(r[f'aa_{a}_acc']) for a in STANDARD_ATTACKS
                                              if r[f'aa_{a}_acc'] != ''}
+            entry['autoattack_seconds'] = float(r['aa_seconds']) if r['aa_seconds'] else None
             entry['flags'] = {f: (int(r[f'aa_{f}']) if f == 'zero_gradients' else r[f'aa_{f}'] == 'true')
                               for f in ('randomized', 'zero_gradients', 'square_stronger') if r[f'aa_{f}'] != ''}
             results.append(entry)

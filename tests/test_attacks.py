@@ -567,7 +567,7 @@ FAST_AA = dict(steps=8, n_queries=60)
 
 
 def test_autoattack_bounds_flow_and_accounting(ten_way):
-    torchattacks = pytest.importorskip('torchattacks')  # noqa: F841
+    pytest.importorskip('torchattacks')
     from timm_alps.autoattack import STANDARD_ATTACKS, autoattack
     model, x, y = ten_way
     eps = 8 / 255

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from benchmarks import reproduce as R
 from benchmarks.paper_numbers import PAPER_ERRORS, paper_error
@@ -128,9 +129,11 @@ def test_interrupted_run_is_resumed_and_finished_run_skipped(tmp_path):
     assert "'--resume', 'auto'" in run.log_path.read_text()
     meta = json.loads(run.meta_path.read_text())
     assert meta['command'] == cmd and len(meta['slices']) == 1 and meta['slices'][0]['resumed']
-    # another recipe must not continue this run
-    with pytest.raises(ValueError, match='another command'):
-        R.train(run, cmd + ['--lr', '1'], preset, None, False, log=lambda s: None)
+    # another recipe must not continue this run: its args.yaml (written by train_timm.py) says what it trains
+    real = R.train_command(run, preset, '/data', 'wds/cifar10')
+    (run.dir / 'args.yaml').write_text(yaml.safe_dump(vars(R._train_parser_args(real[2:]))))
+    with pytest.raises(ValueError, match=r'another recipe.*lr: 0\.05 -> 1\.0'):
+        R.train(run, real + ['--lr', '1'], preset, None, False, log=lambda s: None)
 
     done = R.Run('cifar10', 'preact_resnet18_w16', 'erm', 1, group_dir=tmp_path)
     _fake_checkpoint(done.dir, epoch=2)
@@ -148,6 +151,46 @@ def test_dry_run_prints_commands(tmp_path, capsys):
     assert out.count('train_timm.py') == 2 * 2 * 3 * 5  # datasets x models x seeds x methods
     assert 'vgg16_cifar' in out and 'cifar100' in out
     assert not any(tmp_path.iterdir())
+
+
+def test_cpu_converged_preset(tmp_path, capsys):
+    """Issue 14's definition: CIFAR-10, w16 (w32 on request), >= 50 epochs of the paper's step schedule, batch 128,
+    classical momentum, ERM / MixUp / ALPS x 2 seeds (LS, Dropout on request), AutoAttack at 8/255 and 4/255 on
+    >= 500 images, the unbounded check and the eps-in-normalised-units columns."""
+    preset = R.get_preset('cpu-converged')
+    assert preset['epochs'] >= 50 and preset['batch_size'] == 128 and preset['opt'] == 'momentum'
+    assert preset['methods'] == ('erm', 'mixup', 'alps') and preset['seeds'] == (0, 1)
+    assert R.milestones(preset) == [31, 46]
+    ev = preset['eval']
+    assert ev['autoattack_samples'] >= 500 and tuple(ev['autoattack_eps']) == (8, 4) and ev['normalised_eps']
+    assert (ev.get('autoattack_steps', 100), ev.get('autoattack_queries', 5000)) == (100, 5000)
+    assert 'white-box/autoattack@8' in R.table_metrics(ev) and 'black-box/pgd@norm' in R.table_metrics(ev)
+    wide = R.get_preset('cpu-converged', models=['preact_resnet18_w32'], methods=['ls', 'dropout'], epochs=80)
+    assert wide['models'] == ('preact_resnet18_w32',) and wide['epochs'] == 80 and R.milestones(wide) == [41, 61]
+    runs = R.plan_runs(preset, tmp_path)
+    assert sorted(r.name for r in runs) == sorted(f'{m}-s{s}' for m in ('erm', 'mixup', 'alps') for s in (0, 1))
+    cmd = ' '.join(R.train_command(runs[-1], preset, '/d', 'wds/cifar10'))
+    for piece in ('--epochs 60', '-b 128', '--opt momentum --lr 0.1 --momentum 0.9', '--decay-milestones 31 46',
+                  '--warmup-epochs 1'):
+        assert piece in cmd, piece
+    alps = next(r for r in runs if r.method == 'alps')
+    assert '--alps-eps 0.3 --alps-beta 8 2' in ' '.join(R.train_command(alps, preset, '/d', 'wds/cifar10'))
+    mixup = next(r for r in runs if r.method == 'mixup')
+    assert '--mixup 1.0' in ' '.join(R.train_command(mixup, preset, '/d', 'wds/cifar10'))
+
+    # --dry-run prints every command and the protocol, touches nothing
+    assert R.main(['--preset', 'cpu-converged', '--dry-run', '--runs-dir', str(tmp_path / 'runs'),
+                   '--data', str(tmp_path / 'cifar10.npz')]) == 0
+    out = capsys.readouterr().out
+    assert out.count('train_timm.py') == 6 and 'AutoAttack (standard version' in out and 'normalised-input' in out
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_eps_hypothesis_names_the_closer_reading():
+    rows = [dict(group='g', method='erm', tag='', paper={'white-box/fgsm': (39.02, 1.0)},
+                 values={'white-box/fgsm': [98.0], 'white-box/fgsm@norm': [45.0]})]
+    line, = R.eps_hypothesis(rows, pixels=1.0 / 255)
+    assert '**normalised-input eps** is closer' in line and '1.00/255 in pixels' in line
 
 
 def test_goal_checks_report_contradictions():
@@ -214,14 +257,24 @@ def test_preset_subsets_and_extra_train_args(tmp_path):
 
 
 def test_speed_flags_do_not_block_a_resume(tmp_path):
+    """The run's args.yaml against the new command, parsed by train_timm.py's own parser: place and speed flags
+    may change, the recipe may not."""
     preset = R.get_preset('paper')
     run = R.plan_runs(preset, tmp_path)[0]
     base = R.train_command(run, preset, '/cpu/data', 'wds/cifar10')
+    saved = tmp_path / 'args.yaml'
+    # what train_timm.py writes: its parsed arguments (lists for tuples, plus keys it derives)
+    saved.write_text(yaml.safe_dump(dict(json.loads(json.dumps(vars(R._train_parser_args(base[2:])))),
+                                         distributed=False, world_size=1)))
     fast = R.train_command(run, R.get_preset('paper', train_args=['--torchcompile', '--loader', 'timm']),
                            '/gpu/data', 'wds/cifar10')
-    assert R._recipe(base) == R._recipe(fast)
+    assert R.recipe_changes(saved, base) == [] and R.recipe_changes(saved, fast) == []
     other = R.train_command(run, R.get_preset('paper', epochs=100), '/cpu/data', 'wds/cifar10')
-    assert R._recipe(base) != R._recipe(other)
+    changes = R.recipe_changes(saved, other)
+    assert any(c.startswith('epochs: 200 -> 100') for c in changes), changes
+    assert any(c.startswith('decay_milestones') for c in changes), changes
+    assert R.recipe_changes(saved, base + ['--alps-eps', '0.1']) == ['alps_eps: None -> 0.1']  # an ERM run
+    assert R.recipe_changes(tmp_path / 'none.yaml', other) == []  # killed before it started: nothing to compare
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
