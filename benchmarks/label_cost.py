@@ -10,7 +10,8 @@ drifts in machine load hit all variants alike; the table gives the median over r
 interquartile range, and the median (IQR) over rounds of the per-round ratio to timm.
 
 Variants: timm `SoftTargetCrossEntropy`; `timm_alps.ALPSSoftTargetCrossEntropy(eps=0.3)` (the real class); the label
-alone (`timm_alps.adversarial_label`, forward only, to show where the time goes); with `--before DIR`, the
+alone (`timm_alps.adversarial_label`, forward only, to show where the time goes); the label followed by timm's
+soft-target formula inline (the class minus its wrapper: validation, autocast guard, casts); with `--before DIR`, the
 `adversarial_label` of DIR/timm_alps/labels.py (e.g. a checkout of an older commit) followed by the same soft-target
 cross-entropy, the fused loss as it was.
 """
@@ -43,6 +44,8 @@ def _load_labels(root: str):
 
 
 def _quartiles(values):
+    if len(values) == 1:
+        return values[0], values[0], values[0]
     q1, median, q3 = statistics.quantiles(values, n=4, method='inclusive')
     return median, q1, q3
 
@@ -71,6 +74,10 @@ def main(argv=None):
     load_start = os.getloadavg()
     timm_ce, alps_ce = SoftTargetCrossEntropy(), ALPSSoftTargetCrossEntropy(eps=EPS)
 
+    def inline_fused(logits, target):  # the ALPS loss without the class around it: label, then timm's formula
+        label = adversarial_label(logits, target, EPS)
+        return torch.sum(-label * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
     def old_fused(logits, target):
         label = before.adversarial_label(logits, target, EPS)
         return torch.sum(-label * F.log_softmax(logits, dim=-1), dim=-1).mean()
@@ -91,7 +98,8 @@ def main(argv=None):
             def label_only(_):
                 adversarial_label(logits, target, EPS)
 
-            variants = {'timm': (step, timm_ce), 'alps': (step, alps_ce), 'label': (label_only, None)}
+            variants = {'timm': (step, timm_ce), 'alps': (step, alps_ce), 'label': (label_only, None),
+                        'inline': (step, inline_fused)}
             if before is not None:
                 variants['before'] = (step, old_fused)
             times = {name: [] for name in variants}
@@ -114,7 +122,9 @@ def main(argv=None):
                         torch.cuda.synchronize()
                     times[name].append((clock() - start) / args.reps * 1e3)
             ratios = [a / t for a, t in zip(times['alps'], times['timm'])]
+            inline_ratios = [a / t for a, t in zip(times['inline'], times['timm'])]
             row = dict(batch=batch, k=k, smoothing=smoothing, ratio=_quartiles(ratios),
+                       inline_ratio=_quartiles(inline_ratios),
                        **{name: _quartiles(values) for name, values in times.items()})
             if before is not None:
                 row['before_ratio'] = _quartiles([b / t for b, t in zip(times['before'], times['timm'])])
@@ -124,7 +134,7 @@ def main(argv=None):
 
     command = 'python -m benchmarks.label_cost ' + ' '.join(argv if argv is not None else os.sys.argv[1:])
     header = ['B', 'K', 'smoothing', 'timm SoftTargetCE (ms)', 'ALPS loss (ms)', 'ALPS / timm',
-              'label alone (ms)'] + (['before: fused loss (ms)', 'before / timm'] if before is not None else [])
+              'label alone (ms)', 'label + CE inline (ms)', 'inline / timm'] + (['before: fused loss (ms)', 'before / timm'] if before is not None else [])
     lines = [
         '# Fused ALPS loss vs timm SoftTargetCrossEntropy (forward + backward)',
         '',
@@ -160,7 +170,7 @@ def _cell(quartiles, digits=3):
 
 def _format_row(row, with_before):
     cells = [str(row['batch']), str(row['k']), f'{row["smoothing"]:g}', _cell(row['timm']), _cell(row['alps']),
-             _cell(row['ratio'], 2), _cell(row['label'])]
+             _cell(row['ratio'], 2), _cell(row['label']), _cell(row['inline']), _cell(row['inline_ratio'], 2)]
     if with_before:
         cells += [_cell(row['before'], 1), _cell(row['before_ratio'], 1)]
     return '| ' + ' | '.join(cells) + ' |'

@@ -113,17 +113,15 @@ def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional
     _check_target(target, num_classes, batch_size)
 
 
-def _first_argmin(z: torch.Tensor, z_min: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Lowest index of each row's minimum (B, 1) int64 and the number of classes tied with it (B, 1), via `out`.
+def _first_argmin(z: torch.Tensor, z_min: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Lowest index of each row's minimum, (B, 1) int64, using `out` as scratch.
 
     On CPU `torch.argmin(dim=1)` is not vectorised (about ten memory passes' worth of time); an equality mask times
-    (index - K), reduced with amin, gives the first minimum in a few vectorised passes, ties included.
+    (index - K), reduced with amin, gives the first minimum in three vectorised passes, ties included.
     """
     k = z.shape[1]
-    ties = torch.eq(z, z_min, out=out)
-    n_min = ties.sum(dim=1, keepdim=True)
-    k_star = ties.mul_(torch.arange(-k, 0, device=z.device, dtype=z.dtype)).amin(dim=1, keepdim=True)
-    return k_star.long().add_(k), n_min
+    k_star = torch.eq(z, z_min, out=out).mul_(torch.arange(-k, 0, dtype=z.dtype)).amin(dim=1, keepdim=True)
+    return k_star.long().add_(k)
 
 
 def _sorted_label(z: torch.Tensor, soft: torch.Tensor, budget: float, k_star: torch.Tensor) -> torch.Tensor:
@@ -182,7 +180,7 @@ def _structured_label(z: torch.Tensor, soft: torch.Tensor, row_min: torch.Tensor
         first = weighted.sum(dim=1, keepdim=True).numpy().astype(np.int64) - last
         first = np.where(n_above[:, None] == 2, first, (last + 1) % k)
         specials = np.concatenate([first, last], axis=1)
-    k_star, n_min = (x.numpy() for x in _first_argmin(z, z_min, out=label))
+    k_star = _first_argmin(z, z_min, out=label).numpy()
 
     z_np, u = z.numpy(), row_min.numpy()
     z_s, t_s = z_np[rows, specials], soft.numpy()[rows, specials]
@@ -201,10 +199,14 @@ def _structured_label(z: torch.Tensor, soft: torch.Tensor, row_min: torch.Tensor
     runs[:, 1:] -= before[:, :-1] + donor[:, :-1]
     ends = np.cumsum(runs * u + mass, axis=1, dtype=z_s.dtype)
     starts = ends - mass
-    last_run = (k - n_min - before[:, -1:] - donor[:, -1:]) * u
+    reach = budget <= ends
+    if reach.any(axis=1).all():
+        last_run = np.zeros_like(mass[:, :1])  # the budget ends at a special in every row: the last run is moot
+    else:  # donors after the last special: every donor but those before it and itself
+        n_min = (z == z_min).sum(dim=1, keepdim=True).numpy()
+        last_run = (k - n_min - before[:, -1:] - donor[:, -1:]) * u
     # The cut is at the first special whose end reaches the budget, if every donor before it fits in the budget.
     # Past the last special, only an empty last run (u = 0 or no donor left) is solved: everything is drained.
-    reach = budget <= ends
     if specials.shape[1] == 1:
         reached, start, mass_cut, cut_class = reach, starts, mass, specials
     else:
@@ -287,7 +289,7 @@ def adversarial_label(
     if row_min is None:  # class indices: Theorem 1, no sort
         index = target.to(z.device, torch.long).view(-1, 1)
         label = torch.zeros_like(z)
-        k_star = _first_argmin(z, z_min, out=label)[0] if host else z.argmin(dim=1, keepdim=True)
+        k_star = _first_argmin(z, z_min, out=label) if host else z.argmin(dim=1, keepdim=True)
         label.zero_().scatter_(1, index, 1.0)
         if budget > 0:
             moved = (k_star != index).to(dtype).mul_(budget)
