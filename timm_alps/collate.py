@@ -5,13 +5,13 @@ timm's default training path (`create_loader(..., use_prefetcher=True)`) mixes u
 partner (lam ~ Beta(alps_alpha, alps_beta)) and keeps its own (smoothed) label; the loss from `make_loss()` applies
 the adversarial label from the training forward (the fused path: no model runs inside a loader worker).
 
-Mixing is vectorised over the batch (one stack, one float blend, one rounding) where timm loops per sample; the
-arithmetic is timm's (float32 ``x * lam + x' * (1 - lam)``, rounded half to even as ``np.rint``), so for the same
-lam and partner the pixels are identical to `FastCollateMixup`'s.
+Mixing is vectorised over cache-sized chunks of the batch where timm loops per sample (see `mix`); the arithmetic
+is timm's (float32 ``x * lam + x' * (1 - lam)``, rounded half to even as ``np.rint``), so for the same lam and
+partner the pixels are identical to `FastCollateMixup`'s. Cost against timm's: benchmarks/results/collate_cost.md.
 
 Random streams: every process that collates (the main process with num_workers=0, or each DataLoader worker)
 draws from its own private generator, seeded from (seed, DDP rank, worker id, torch's per-worker seed, epoch given
-to `set_epoch`); see `ALPSMixup._rng`. What is exact:
+to `set_epoch`). What is exact:
 - num_workers=0: the draws are a function of the seed (and rank) alone; `state_dict()`/`load_state_dict()` resume
   them exactly.
 - num_workers>0: workers draw independent streams. torch gives each worker a seed drawn from the global RNG when the
@@ -21,7 +21,7 @@ to `set_epoch`); see `ALPSMixup._rng`. What is exact:
   those of epochs already trained; without it (timm's train.py as is), a resumed run can replay the draws of its
   first epoch, exactly as timm's own `FastCollateMixup` and augmentations do.
 """
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,8 +66,8 @@ class FastCollateALPSMixup(_ALPSMixingBase, FastCollateMixup):
             mode: str = 'elem',
             label_smoothing: float = 0.0,
             num_classes: int = 1000,
-            seed: int = None,
-            rank: int = None,
+            seed: Optional[int] = None,
+            rank: Optional[int] = None,
     ):
         _ALPSMixingBase.__init__(self, alps_alpha, alps_beta, alps_eps, prob, mode, label_smoothing, num_classes,
                                  seed, rank)
