@@ -9,12 +9,18 @@
 
 Each (dataset, model, method, seed) is one `train_timm.py` run with the preset's recipe, in
 `<runs-dir>/<preset>/<dataset>-<model>-e<epochs>/<method>-s<seed>/`. A run whose final checkpoint and summary
-exist is skipped; an interrupted one is continued with `--resume auto`. After training, each model is attacked
-(`timm_alps.attacks`): clean, FGSM 4/255 and PGD-10 (step 1/255, radius 4/255) white-box, the same crafted on the
-ERM model of the next seed (black-box, so ERM's own row is a transfer too), APGD-CE, the unbounded-PGD
-gradient-masking check, and PGD error against eps for the plot. Results are cached per run (`eval.json`), so
-evaluation resumes too. `--time-budget` stops launching runs (and with `--stop-at-budget` interrupts the ones in
-progress, which checkpoint and resume on the next call).
+exist is skipped; an interrupted one is continued with `--resume auto`, after its `args.yaml` is checked against the
+new command (parsed by train_timm.py itself): only place and speed flags may differ. After training, each model is
+attacked through the library's one protocol (`timm_alps.attacks.evaluate_robustness` / `transfer_attack`, on the
+class-balanced subsets `python -m benchmarks.robustness --max-samples N` uses): clean, FGSM 4/255 and PGD-10 (step
+1/255, radius 4/255) white-box, the same crafted once on the ERM model of the next seed (black-box, so ERM's own row
+is a transfer too), APGD-CE, AutoAttack (standard version, `timm_alps.autoattack`) at the preset's radii, the
+unbounded-PGD gradient-masking check, PGD error against eps for the plot and, where the preset asks, the paper
+protocol with eps in normalised-input units. Results are cached per run (`eval.json`), so evaluation resumes too.
+`--time-budget` stops launching runs (and with `--stop-at-budget` interrupts the ones in progress, which checkpoint
+and resume on the next call).
+
+    python -m benchmarks.reproduce --preset cpu-converged --jobs 2 --threads 1   # issue 14: converged CPU runs
 
 `<results-dir>/<preset>/` gets `table.md` / `table.csv` (mean +- std over seeds beside the paper's numbers, missing
 runs marked), `curves.png` (test error and train loss per epoch), `eps.png` (white-box PGD error against eps),
@@ -532,8 +538,14 @@ def recipe_changes(args_yaml: Path, cmd: Sequence[str]) -> List[str]:
     if not args_yaml.is_file():
         return []
     import yaml
-    saved = yaml.safe_load(args_yaml.read_text()) or {}
-    new = vars(_train_parser_args(list(cmd[2:])))
+    try:
+        saved = yaml.safe_load(args_yaml.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f'{args_yaml} is not readable YAML ({e}); delete the run folder to start it again') from e
+    try:
+        new = vars(_train_parser_args(list(cmd[2:])))
+    except SystemExit as e:  # argparse's own error exit
+        raise ValueError(f'train_timm.py refuses the command {shlex.join(cmd)} (exit {e.code})') from e
     out = []
     for key, value in sorted(new.items()):
         if key in PLACE_ARGS or value is None or key not in saved:
