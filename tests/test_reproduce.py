@@ -202,6 +202,7 @@ def test_goal_checks_report_contradictions():
     assert sum('**yes**' in line for line in lines) == 5
 
 
+@pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
     """Every method trains on the bundled subset, is attacked, and lands in the table; a second call skips all."""
     runs_dir, results_dir = tmp_path / 'runs', tmp_path / 'results'
