@@ -20,11 +20,14 @@ one-hot rows, and MixUp/CutMix rows (two classes plus uniform smoothing) all hav
     y = u + a * onehot(i) + b * onehot(j)        (u >= 0 the row minimum, a, b >= 0)
 
 Along the greedy order such a row is a run of classes holding u each, the "special" class i, another run of u's,
-j, and a last run. The greedy cut falls either on i or j (a partial take there, every class before it drained
-completely: one comparison against the special's logit finds them) or strictly inside a run of u's, or past
-every donor. Only the run case needs to know which classes of the run come first, i.e. a sort; those rows (for
-instance smoothing s > eps/2 with many classes ranked above the true one) fall back to the sorted path, every
-other row costs a handful of O(K) passes.
+j, and a last run. The greedy cut falls on i or j (a partial take there, every class before it drained
+completely: one comparison against the special's logit finds them), past every donor, or strictly inside a run
+of u's. Only the last case needs to know which classes of the run come first, i.e. a sort: smoothing s > eps/2
+with many classes ranked above the true one, or a MixUp partner holding less than eps/2 followed by a run.
+
+On CPU, class indices cost a few O(K) passes per row (Theorem 1) and soft rows about fifteen, no sort; the rows of
+the last case alone are then sorted. On accelerators finding those rows would cost a host sync per step, so soft
+rows are all sorted there (one sync-free, exact pass of a few kernels); class indices still use Theorem 1.
 """
 import operator
 from typing import Optional, Tuple
@@ -86,10 +89,10 @@ def _check_target(
     if target.shape[1] != num_classes:
         raise ValueError(f'soft target has {target.shape[1]} classes but num_classes={num_classes}')
     stats_dtype = torch.promote_types(target.dtype, torch.float32)
-    row_min = target.amin(dim=1, keepdim=True).to(stats_dtype)  # NaN propagates, so NaN rows fail below
+    row_min = target.detach().amin(dim=1, keepdim=True).to(stats_dtype)  # NaN propagates: NaN rows fail below
     if target.numel():
         atol = _ROW_SUM_ATOL.get(target.dtype, _DEFAULT_ATOL)
-        row_sum = target.sum(dim=1, dtype=stats_dtype)
+        row_sum = target.detach().sum(dim=1, dtype=stats_dtype)
         message = 'soft target rows must be non-negative and sum to 1 (a probability distribution per sample)'
         if target.device.type == 'cpu':  # the same test on (B,) numpy arrays: no torch dispatch per small op
             if not (row_min.numpy().min() >= 0 and np.abs(row_sum.numpy() - 1).max() <= atol):
