@@ -29,6 +29,7 @@ On CPU, class indices cost a few O(K) passes per row (Theorem 1) and soft rows a
 the last case alone are then sorted. On accelerators finding those rows would cost a host sync per step, so soft
 rows are all sorted there (one sync-free, exact pass of a few kernels); class indices still use Theorem 1.
 """
+import numbers
 import operator
 from typing import Optional, Tuple
 
@@ -263,8 +264,11 @@ def adversarial_label(
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim != 2:
         raise TypeError(f'logits must be a floating-point (B, K) tensor, got '
                         f'{getattr(logits, "dtype", type(logits).__name__)} of shape {tuple(getattr(logits, "shape", ()))}')
-    if isinstance(eps, torch.Tensor) and eps.numel() != 1:
-        raise ValueError(f'eps must be a single number, got a tensor of shape {tuple(eps.shape)}')
+    if isinstance(eps, torch.Tensor):
+        if eps.numel() != 1:
+            raise ValueError(f'eps must be a single number, got a tensor of shape {tuple(eps.shape)}')
+    elif isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f'eps must be a real number in [0, 2], got {eps!r} ({type(eps).__name__})')
     if not 0.0 <= float(eps) <= 2.0:
         raise ValueError(f'eps={float(eps)} is outside [0, 2]: it is an L1 radius between label distributions')
     batch_size, k = logits.shape
