@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
 from timm.data import FastCollateMixup
 from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset
@@ -206,3 +207,27 @@ def test_spawned_worker():
                         collate_fn=FastCollateALPSMixup(num_classes=10, seed=42))
     batches = [images for images, _ in loader]
     assert len(batches) == 2 and not torch.equal(batches[0], batches[1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch_size=st.integers(1, 12), mode=st.sampled_from(['elem', 'pair', 'batch']), prob=st.floats(0, 1),
+       seed=st.integers(0, 2 ** 64 - 1), smoothing=st.floats(0, 0.5), numpy=st.booleans(),
+       hw=st.tuples(st.integers(1, 40), st.integers(1, 40)))
+def test_collate_properties(batch_size, mode, prob, seed, smoothing, numpy, hw):
+    rng = np.random.default_rng(seed % 2 ** 32)
+    images = rng.integers(0, 256, size=(batch_size, 3, *hw), dtype=np.uint8)
+    labels = rng.integers(0, 7, size=batch_size)
+    batch = [(im if numpy else torch.from_numpy(im), int(y)) for im, y in zip(images, labels)]
+    kwargs = dict(mode=mode, prob=prob, seed=seed, label_smoothing=smoothing, num_classes=7)
+    out, target = FastCollateALPSMixup(**kwargs)(batch)
+    lam, partner = FastCollateALPSMixup(**kwargs).sample(batch_size)
+    assert out.dtype == torch.uint8 and out.shape == (batch_size, 3, *hw)
+    assert target.dtype == torch.float32 and target.shape == (batch_size, 7)
+    torch.testing.assert_close(target, F.one_hot(torch.from_numpy(labels), 7).float() * (1 - smoothing) + smoothing / 7)
+    x = torch.from_numpy(images).double()
+    expected = lam.double().view(-1, 1, 1, 1) * x + (1 - lam.double().view(-1, 1, 1, 1)) * x[partner]
+    assert (out.double() - expected).abs().max() <= 0.5 + 1e-4
+    unmixed = lam == 1
+    assert torch.equal(out[unmixed], torch.from_numpy(images)[unmixed])  # lam = 1 leaves the image bit for bit
+    if mode == 'pair':
+        assert torch.equal(partner[partner], torch.arange(batch_size))
