@@ -26,6 +26,7 @@ import re
 import shlex
 import sys
 import time
+import zipfile
 from fractions import Fraction
 from functools import partial
 from pathlib import Path
@@ -141,15 +142,21 @@ def load_data(args) -> Tuple[torch.Tensor, torch.Tensor, str]:
         src = args.data_dir or args.npz or BUNDLED_DATA_DIR
         if not Path(src).exists():
             raise ValueError(f'data source {str(src)!r} does not exist')
-        if Path(src).suffix == '.npz':
-            with np.load(src) as arrays:
-                key = f'y_{args.split}'
-                if key in arrays.files and arrays[key].shape[0] == 0:
-                    raise ValueError(f'the data set is empty: {key} in {src} holds no label')
         try:
+            if Path(src).suffix == '.npz':
+                with np.load(src) as arrays:
+                    key = f'y_{args.split}'
+                    if key in arrays.files and arrays[key].shape[0] == 0:
+                        raise ValueError(f'the data set is empty: {key} in {src} holds no label')
             images, labels, _ = load_split_tensors(src, args.split)
         except KeyError as e:
             raise ValueError(f'{src} has no split {args.split!r} ({e}); pick one with --split') from e
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f'data source {str(src)!r} cannot be read ({type(e).__name__}: {e})') from e
+        except ValueError as e:
+            if 'empty' in str(e) or str(src) in str(e):
+                raise
+            raise ValueError(f'data source {str(src)!r} cannot be read: {e}') from e
         desc = ('bundled CIFAR-10 subset' if src == BUNDLED_DATA_DIR else str(src)) + f' split {args.split!r}'
     if images.shape[0] == 0:
         raise ValueError(f'the data set is empty: {desc} holds no image')

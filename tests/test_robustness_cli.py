@@ -299,6 +299,10 @@ def test_bad_input_of_every_kind(files, capsys, tmp_path):
         bad = tmp_path / f'notes{i}.pth.tar'
         bad.write_bytes(content)
         _fails([str(bad)] + base, capsys, 'cannot read checkpoint')
+    # data files that are not data
+    text = tmp_path / 'text.npz'
+    text.write_text('hello')
+    _fails([erm, '--npz', str(text), '--attacks', 'fgsm', '--output', str(tmp_path)] + FAST, capsys, 'cannot be read')
     # a timm dataset that is not there
     _fails([erm, '--dataset', 'torch/cifar10', '--data-root', str(tmp_path), '--attacks', 'fgsm',
             '--output', str(tmp_path)] + FAST, capsys, "--dataset 'torch/cifar10'")
