@@ -1,10 +1,13 @@
 """ALPSSoftTargetCrossEntropy: a drop-in for timm's SoftTargetCrossEntropy."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.loss import SoftTargetCrossEntropy
+from hypothesis import given, settings, strategies as st
+from scipy.optimize import linprog
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
-from timm_alps import ALPSSoftTargetCrossEntropy, adversarial_label
+from timm_alps import ALPSBinaryCrossEntropy, ALPSLoss, ALPSMixup, ALPSSoftTargetCrossEntropy, adversarial_label
 
 
 def test_eps_zero_is_timm_soft_target_cross_entropy():
@@ -54,12 +57,6 @@ def test_non_finite_logits_are_not_silent():
 
 
 # --- BinaryCrossEntropy, the general wrapper, precision, the once-only handshake --------------------------------
-import numpy as np
-from hypothesis import given, settings, strategies as st
-from scipy.optimize import linprog
-from timm.loss import BinaryCrossEntropy
-
-from timm_alps import ALPSBinaryCrossEntropy, ALPSLoss, ALPSMixup
 
 
 def smoothed(target, k, s):

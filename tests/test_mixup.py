@@ -1,6 +1,7 @@
 """ALPSMixup: sampling, modes, label handshake and the model-handle forward."""
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -205,7 +206,6 @@ def test_bad_inputs_are_named():
 
 
 # --- arguments, timm's mixup_args, target forms, the model handle's RNG and outputs ------------------------------
-import numpy as np
 
 
 @pytest.mark.parametrize('kwargs, error, match', [
