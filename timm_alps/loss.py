@@ -296,7 +296,8 @@ class ALPSLoss(nn.Module):
                              f'shift the label twice; use it directly')
         if getattr(base_loss, 'target_threshold', None) is not None:
             raise ValueError(f'base_loss binarises its targets (target_threshold={base_loss.target_threshold}), '
-                             f'which erases the adversarial eps/2 mass: use ALPSBinaryCrossEntropy(target_threshold=...)')
+                             f'which erases the adversarial eps/2 mass: use '
+                             f'ALPSBinaryCrossEntropy(target_threshold=...)')
         self.eps = eps_arg('eps', eps)
         self.base_loss = base_loss
 
