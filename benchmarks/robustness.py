@@ -268,6 +268,8 @@ def rows_from_result(result, names, paths, args, paper: Optional[str], models=No
                 value = aa_result.flags[flag] if aa_result else None
                 row[f'aa_{flag}'] = '' if value is None else str(value).lower()
             row['aa_seconds'] = f'{sum(aa_result.seconds.values()):.1f}' if aa_result else ''
+            for attack in STANDARD_ATTACKS:
+                row[f'aa_{attack}_seconds'] = f'{aa_result.seconds[attack]:.1f}' if aa_result else ''
             row['unbounded_acc'] = _fmt(None if unbounded is None else 100.0 - unbounded)
             row['gradient_masking'] = '' if unbounded is None else str(
                 gradient_masking_suspected(100.0 - unbounded, args.masking_threshold)).lower()
@@ -401,6 +403,8 @@ def write_json(rows, path: Path, args, meta: Dict[str, str]) -> None:
             entry['autoattack_acc_after'] = {a: float(r[f'aa_{a}_acc']) for a in STANDARD_ATTACKS
                                              if r[f'aa_{a}_acc'] != ''}
             entry['autoattack_seconds'] = float(r['aa_seconds']) if r['aa_seconds'] else None
+            entry['autoattack_seconds_by_attack'] = {a: float(r[f'aa_{a}_seconds']) for a in STANDARD_ATTACKS
+                                                     if r[f'aa_{a}_seconds'] != ''}
             entry['flags'] = {f: (int(r[f'aa_{f}']) if f == 'zero_gradients' else r[f'aa_{f}'] == 'true')
                               for f in ('randomized', 'zero_gradients', 'square_stronger') if r[f'aa_{f}'] != ''}
             results.append(entry)
