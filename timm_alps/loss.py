@@ -11,6 +11,7 @@ it a second time. `mixup_fn.make_loss()` always returns the matching criterion.
 All ALPS losses compute in (at least) float32: half-precision logits are upcast and autocast is off inside the loss,
 so the loss is returned in float32 as timm's losses are under CUDA autocast.
 """
+import contextlib
 import math
 import numbers
 from typing import Callable, Optional, Union
@@ -90,7 +91,15 @@ def _check_logits(x: torch.Tensor) -> None:
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     # at least float32: fp16/bf16 logits are upcast, float64 stays
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _no_autocast(x: torch.Tensor):
+    # Inside an autocast region the loss would run in half precision: turn it off (entering costs ~10 us, so only
+    # when autocast is on).
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -112,7 +121,8 @@ def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optiona
                 f'label), and this loss would shift it again with eps={eps}: build the loss with '
                 f'mixup_fn.make_loss() once the model handle is set (it returns eps=0 on that path), or pass eps=0, '
                 f'so the label is applied once')
-        return adversarial_label(x if order is None else order, target, eps).to(x.dtype)
+        label = adversarial_label(x if order is None else order, target, eps)
+        return label if label.dtype == x.dtype else label.to(x.dtype)
     validate_target(target, x.shape[1], x.shape[0])
     if target.ndim == 1:
         return torch.zeros_like(x).scatter_(1, target.view(-1, 1), 1.0)
@@ -143,7 +153,7 @@ class ALPSSoftTargetCrossEntropy(nn.Module):
             target: class indices (B,) or (B, 1), or label distributions (B, K).
         """
         _check_logits(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x):
             x = _fp32(x)
             rho = soft_label(x, target, self.eps)
             return torch.sum(-rho * F.log_softmax(x, dim=-1), dim=-1).mean()
@@ -249,7 +259,7 @@ class ALPSBinaryCrossEntropy(nn.Module):
         _check_logits(x)
         if self.eps > 0 and is_adversarial_target(target):
             soft_label(x, target, self.eps)  # raises the "already adversarial" error
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x):
             x = _fp32(x)
             weight = None if self.weight is None else _fp32(self.weight)
             pos_weight = None if self.pos_weight is None else _fp32(self.pos_weight)
@@ -303,7 +313,7 @@ class ALPSLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         _check_logits(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _no_autocast(x):
             x = _fp32(x)
             return self.base_loss(x, soft_label(x, target, self.eps))
 
