@@ -193,10 +193,41 @@ def test_nonfinite_loss_stops_with_clear_message(tmp_path):
     assert not (tmp_path / 'nan' / 'last.pth.tar').exists()
 
 
-def test_nonfinite_skip_policy_keeps_training(tmp_path):
-    assert train_timm.main(TINY + ['--epochs', '1', '--lr', '1e30', '--output', str(tmp_path), '--experiment', 'skip',
-                                   '--warmup-epochs', '0', '--on-nonfinite', 'skip']) == 0
-    assert (tmp_path / 'skip' / 'last.pth.tar').exists()
+def test_nonfinite_skip_policy_keeps_training(tmp_path, monkeypatch):
+    """One NaN loss (injected into the 2nd step) is skipped; the other updates happen and the run finishes."""
+    from timm_alps.task import ALPSTask
+    original, calls = ALPSTask.forward, []
+
+    def forward(self, input, target):
+        out = original(self, input, target)
+        calls.append(1)
+        if len(calls) == 2:
+            out['loss'] = out['loss'] * float('nan')
+        return out
+
+    monkeypatch.setattr(ALPSTask, 'forward', forward)
+    assert train_timm.main(TINY + ['--epochs', '1', '--output', str(tmp_path), '--experiment', 'skip',
+                                   '--on-nonfinite', 'skip']) == 0
+    ckpt = load_training_checkpoint(str(tmp_path / 'skip' / 'last.pth.tar'))
+    assert ckpt['step'] == 3  # 4 batches, one skipped
+
+
+def test_nonfinite_weights_stop_before_saving(tmp_path, monkeypatch):
+    """Weights that turn NaN during epoch 1 (with a finite training loss) stop the run; last/model_best keep epoch 0."""
+    original = train_timm.train_one_epoch
+
+    def poisoned(epoch, task, *args, **kwargs):
+        metrics = original(epoch, task, *args, **kwargs)
+        if epoch == 1:
+            with torch.no_grad():
+                next(task.get_trainable_module().parameters()).fill_(float('nan'))
+        return metrics
+
+    monkeypatch.setattr(train_timm, 'train_one_epoch', poisoned)
+    with pytest.raises(train_timm.TrainError, match=r'non-finite (evaluation|weights).*epoch 1.*last good checkpoint'):
+        train_timm.main(TINY + ['--epochs', '2', '--output', str(tmp_path), '--experiment', 'w'])
+    for name in ('last', 'model_best'):
+        assert load_training_checkpoint(str(tmp_path / 'w' / f'{name}.pth.tar'))['epoch'] == 0
 
 
 def test_resume_errors(tmp_path):

@@ -24,7 +24,7 @@ from timm.utils.model import get_state_dict
 
 __all__ = [
     'AtomicCheckpointSaver', 'CheckpointError', 'atomic_torch_save', 'capture_rng_state', 'restore_rng_state',
-    'load_training_checkpoint', 'find_resume_checkpoint', 'check_output_dir',
+    'capture_rank_state', 'restore_rank_state', 'load_training_checkpoint', 'find_resume_checkpoint', 'check_output_dir',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -86,20 +86,42 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     _write_atomically(path, lambda f: torch.save(obj, f))
 
 
-def _copy_atomically(src: str, dst: str) -> None:
-    def _copy(f):
-        with open(src, 'rb') as s:
-            shutil.copyfileobj(s, f, length=16 * 1024 * 1024)
-    _write_atomically(dst, _copy)
+class _TaskWithExtraState:
+    """What timm's `CheckpointSaver._save` sees as its task: the real task's (or the bare model's) checkpoint state,
+    plus ``extra`` merged into the non-EMA part. `get_checkpoint_state` is the hook timm's saver offers for adding
+    to a checkpoint, so the saver's own `_save` writes the file and nothing of its body is copied here."""
+
+    def __init__(self, task, model, model_ema, extra: Dict[str, Any]):
+        self.task, self.model, self.model_ema, self.extra = task, model, model_ema, extra
+
+    def get_checkpoint_state(self, ema: bool = False, unwrap_fn=None) -> Dict[str, Any]:
+        kwargs = {} if unwrap_fn is None else dict(unwrap_fn=unwrap_fn)
+        if self.task is not None:
+            state = self.task.get_checkpoint_state(ema=ema, **kwargs)
+        else:
+            module = self.model_ema if ema else self.model
+            state = {} if module is None else {'state_dict_ema' if ema else 'state_dict': get_state_dict(module, **kwargs)}
+        if not ema:
+            state.update(self.extra)
+        return state
+
+
+# Keys timm's saver writes itself; extra state never replaces them.
+_BASE_KEYS = frozenset(('epoch', 'arch', 'optimizer', 'version', 'args', 'state_dict', 'state_dict_ema', 'metric',
+                        'saver', 'amp_scaler', 'task_state', 'task_state_ema'))
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """timm's `CheckpointSaver` (same files, history and ``model_best``) with atomic writes and extra state.
+    """timm's `CheckpointSaver` (same files, history and ``model_best``) with durable writes and extra state.
+
+    timm's saver writes ``tmp.pth.tar`` and renames it over ``last.pth.tar``; here the written file is fsync'd before
+    the rename, the rename never unlinks the old ``last`` first, and the folder is fsync'd after it, so a ``kill -9``,
+    a power cut or a full disk in the middle of a save leaves the previous ``last`` in place.
 
     Args:
         *args, **kwargs: as for `timm.utils.CheckpointSaver`.
         extra_state_fn: called at every save; the dict it returns is merged into the checkpoint (e.g. scheduler,
-            step, RNG states, ``alps_mixup``, ``loader``). Keys of the base checkpoint cannot be overridden.
+            step, ``rank_state``). Keys of the base checkpoint cannot be overridden.
     """
 
     def __init__(self, *args, extra_state_fn: Optional[Callable[[], Dict[str, Any]]] = None, **kwargs):
@@ -117,34 +139,6 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 except OSError:
                     pass
 
-    def checkpoint_state(self, epoch: int, metric: Optional[float] = None) -> Dict[str, Any]:
-        """The dict written to disk: timm's training checkpoint layout plus ``extra_state_fn()``."""
-        state = {
-            'epoch': epoch,
-            'arch': type(self.model).__name__.lower(),
-            'optimizer': self.optimizer.state_dict(),
-            'version': 2,  # as timm: `epoch` is the last completed epoch
-        }
-        if self.args is not None:
-            state['arch'] = self.args.model
-            state['args'] = self.args
-        if self.amp_scaler is not None:
-            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
-        if self.task is not None:
-            state.update(self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn))
-            state.update(self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn))
-        else:
-            state['state_dict'] = get_state_dict(self.model, self.unwrap_fn)
-            if self.model_ema is not None:
-                state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
-        if metric is not None:
-            state['metric'] = metric
-        state['saver'] = self.state_dict(epoch, metric)
-        if self.extra_state_fn is not None:
-            for k, v in self.extra_state_fn().items():
-                state.setdefault(k, v)
-        return state
-
     def save_checkpoint(self, epoch, metric=None):
         """As timm's, then drop mid-epoch recovery files: the new ``last`` supersedes them."""
         result = super().save_checkpoint(epoch, metric)
@@ -158,7 +152,26 @@ class AtomicCheckpointSaver(CheckpointSaver):
         return result
 
     def _save(self, save_path, epoch, metric=None):
-        atomic_torch_save(self.checkpoint_state(epoch, metric), save_path)
+        # timm's own save into its temporary file, with the extra state added through the task hook, then fsync.
+        extra = {k: v for k, v in (self.extra_state_fn() if self.extra_state_fn else {}).items()
+                 if k not in _BASE_KEYS}
+        task = self.task
+        self.task = _TaskWithExtraState(task, self.model, self.model_ema, extra)
+        try:
+            super()._save(save_path, epoch, metric)
+            with open(save_path, 'rb+') as f:
+                os.fsync(f.fileno())
+        except Exception as e:
+            try:
+                os.unlink(save_path)
+            except OSError:
+                pass
+            full = getattr(e, 'errno', None) == errno.ENOSPC or 'No space left' in str(e)
+            hint = ' (no space left on the device)' if full else ''
+            raise CheckpointError(f"could not write checkpoint '{save_path}'{hint}: {e}. Files already in "
+                                  f"{os.path.dirname(os.path.abspath(save_path))} were left untouched.") from e
+        finally:
+            self.task = task
 
     def _replace(self, src, dst):
         # timm unlinks `dst` first (for Windows); on POSIX that opens a window with no `last` at all.
@@ -179,7 +192,12 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 self.can_hardlink = False
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        _copy_atomically(src, dst)
+        _write_atomically(dst, lambda f: _copy_into(src, f))
+
+
+def _copy_into(src: str, f) -> None:
+    with open(src, 'rb') as s:
+        shutil.copyfileobj(s, f, length=16 * 1024 * 1024)
 
 
 # -- random state ---------------------------------------------------------------------------------------------------
@@ -212,6 +230,34 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         else:
             _logger.warning(f'Checkpoint holds RNG states of {len(cuda)} CUDA devices but {torch.cuda.device_count()} '
                             'are visible: CUDA RNG not restored, the resumed run will not be bit-identical.')
+
+
+def capture_rank_state(mixer=None, loader=None, loader_state=None, epoch_loss=None) -> Dict[str, Any]:
+    """Everything one process needs to continue its random streams exactly: RNG states, the mixer's private
+    generator and the data loader's position.
+
+    Args:
+        mixer: an object with ``state_dict()`` (e.g. `ALPSMixup`, a collate mixer), or None.
+        loader: a loader with ``state_dict()`` (e.g. `InMemoryLoader`), or None.
+        loader_state: the loader state to store instead of ``loader.state_dict()`` (mid-epoch: the state at the
+            start of the epoch, so a resume replays the epoch and skips the batches already trained).
+        epoch_loss: (loss sum, sample count) of the epoch so far, for a mid-epoch save.
+    """
+    if loader_state is None and loader is not None and hasattr(loader, 'state_dict'):
+        loader_state = loader.state_dict()
+    return dict(rng=capture_rng_state(),
+                alps_mixup=mixer.state_dict() if hasattr(mixer, 'state_dict') else None,
+                loader=loader_state, epoch_loss=epoch_loss)
+
+
+def restore_rank_state(state: Dict[str, Any], mixer=None, loader=None) -> Optional[Tuple[float, float]]:
+    """Inverse of `capture_rank_state`; returns the saved ``epoch_loss`` (or None)."""
+    restore_rng_state(state['rng'])
+    if state.get('alps_mixup') is not None and hasattr(mixer, 'load_state_dict'):
+        mixer.load_state_dict(state['alps_mixup'])
+    if state.get('loader') is not None and hasattr(loader, 'load_state_dict'):
+        loader.load_state_dict(state['loader'])
+    return state.get('epoch_loss')
 
 
 # -- reading and finding checkpoints --------------------------------------------------------------------------------

@@ -1,0 +1,166 @@
+"""train_timm.py command lines: every bad flag is rejected before anything is built or written (exit status 2, one
+line naming the flag), -c YAML checks, the flag table's coverage, and the names it accepts."""
+import os
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import train_timm  # noqa: E402
+
+# (flags, the text the one-line error must contain: the flag's name and, where useful, the value)
+BAD = [
+    (['--clip-grad', '-1'], '--clip-grad -1.0'),
+    (['--clip-grad', '0'], '--clip-grad'),
+    (['--momentum', 'nan'], '--momentum nan'),
+    (['--momentum', '1'], '--momentum'),
+    (['--warmup-epochs', '-1'], '--warmup-epochs'),
+    (['--cooldown-epochs', '-2'], '--cooldown-epochs'),
+    (['--recovery-interval', '-1'], '--recovery-interval'),
+    (['--weight-decay', '-1'], '--weight-decay'),
+    (['--weight-decay', 'inf'], '--weight-decay'),
+    (['--model-ema-decay', '2'], '--model-ema-decay'),
+    (['--model-ema-decay', '1'], '--model-ema-decay'),
+    (['--alps-beta', '8', 'inf'], '--alps-beta 8.0 inf'),
+    (['--alps-beta', '8', '2', '3'], '--alps-beta takes 2'),
+    (['--alps-eps', 'nan'], '--alps-eps'),
+    (['--alps-prob', '-0.1'], '--alps-prob'),
+    (['--lr', 'nan'], '--lr'),
+    (['--lr', '-0.1'], '--lr'),
+    (['--min-lr', '-1'], '--min-lr'),
+    (['--warmup-lr', 'inf'], '--warmup-lr'),
+    (['--decay-rate', '0'], '--decay-rate'),
+    (['--sched', 'step', '--decay-rate', '2'], '--decay-rate'),
+    (['--decay-epochs', '0'], '--decay-epochs'),
+    (['--decay-milestones', '150', '100'], '--decay-milestones'),
+    (['--smoothing', '-0.1'], '--smoothing'),
+    (['--drop', 'nan'], '--drop'),
+    (['--drop-path', '1.5'], '--drop-path'),
+    (['--hflip', '1.5'], '--hflip'),
+    (['--crop-pad', '-1'], '--crop-pad'),
+    (['--method', 'mixup', '--mixup-prob', '2'], '--mixup-prob'),
+    (['--method', 'mixup', '--mixup-switch-prob', '-1'], '--mixup-switch-prob'),
+    (['--cutmix-minmax', '0.5'], '--cutmix-minmax takes 2'),
+    (['--cutmix-minmax', '0.8', '0.2'], '--cutmix-minmax'),
+    (['--cutmix-minmax', '0', '0.5'], '--cutmix-minmax'),
+    (['--cutmix-minmax', '0.2', '1.5'], '--cutmix-minmax'),
+    (['--mean', '0.5', 'nan', '0.5'], '--mean'),
+    (['--std', '0.2', '0', '0.2'], '--std'),
+    (['--opt-betas', '0.9', '1.5'], '--opt-betas'),
+    (['--opt-eps', '0'], '--opt-eps'),
+    (['--batch-size', '0'], '--batch-size'),
+    (['--epochs', '0'], '--epochs'),
+    (['--grad-accum-steps', '0'], '--grad-accum-steps'),
+    (['--workers', '-1'], '--workers'),
+    (['--num-classes', '1'], '--num-classes'),
+    (['--seed', '-1'], '--seed'),
+    (['--reprob', '1.5'], '--reprob'),
+    (['--recount', '0'], '--recount'),
+    (['--scale', '0.9', '0.1'], '--scale'),
+    (['--ratio', '0', '1'], '--ratio'),
+    (['--color-jitter', '-0.4'], '--color-jitter'),
+    (['--img-size', '0'], '--img-size'),
+    (['--input-size', '3', '32', '-1'], '--input-size'),
+    (['--bce-target-thresh', '0.2'], '--bce-target-thresh only applies with --bce-loss'),
+    (['--bce-loss', '--bce-pos-weight', '-1'], '--bce-pos-weight'),
+    (['--fast-loader-max-mb', 'nan'], '--fast-loader-max-mb'),
+    (['--opt', 'sgdd'], "--opt 'sgdd' is unknown"),
+    (['--sched', 'cosin'], "--sched 'cosin' is unknown"),
+    (['--eval-metric', 'foo'], "--eval-metric 'foo' is unknown"),
+    (['--torchcompile', 'nope'], "--torchcompile 'nope' is unknown"),
+    (['--method', 'mixup', '--mixup-mode', 'foo'], "--mixup-mode 'foo' is unknown"),
+    (['--clip-mode', 'l3'], "--clip-mode 'l3' is unknown"),
+    (['--dist-bn', 'sum'], "--dist-bn 'sum' is unknown"),
+    (['--amp-dtype', 'float8'], "--amp-dtype 'float8' is unknown"),
+    (['--method', 'cutout'], "--method 'cutout' is unknown"),
+    (['--alps-mode', 'foo'], "--alps-mode 'foo' is unknown"),
+    (['--remode', 'foo'], "--remode 'foo' is unknown"),
+    (['--train-interpolation', 'cubic'], "--train-interpolation 'cubic' is unknown"),
+    (['--aa', 'rand-zz'], "--aa 'rand-zz'"),
+    (['--loader', 'fast', '--aa', 'rand-m9-mstd0.5'], '--aa needs timm\'s loader'),
+    (['--loader', 'fast', '--reprob', '0.25'], '--reprob needs timm\'s loader'),
+    (['--loader', 'timm', '--crop-pad', '2'], '--crop-pad'),
+    (['--method', 'erm', '--alps-off-epoch', '3'], '--alps-off-epoch only applies to --method alps'),
+    (['--mixup-off-epoch', '3'], '--mixup-off-epoch only applies to --method mixup'),
+    (['--epochs', 'x'], '--epochs'),
+    (['--no-such-flag'], '--no-such-flag'),
+    (['--sched', 'rsqrt', '--max-train-samples', '64', '--max-eval-samples', '64', '-b', '32', '--model-kwargs', 'width=4'],
+     'scheduler --sched rsqrt'),
+]
+
+
+def _assert_rejected(tmp_path, flags, expected):
+    argv = flags + ['--output', str(tmp_path), '--experiment', 'bad', '--no-progress']
+    with pytest.raises(train_timm.TrainError) as e:
+        train_timm.main(argv)
+    message = str(e.value)
+    assert e.value.exit_code == 2
+    assert expected in message, message
+    assert '\n' not in message
+    assert not (tmp_path / 'bad').exists()
+
+
+@pytest.mark.parametrize('flags, expected', BAD, ids=[' '.join(f) for f, _ in BAD])
+def test_bad_command_line_is_rejected_up_front(tmp_path, flags, expected):
+    _assert_rejected(tmp_path, flags, expected)
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('lr: 0.1\nmomentun: 0.9\n', "unknown key 'momentun'; did you mean 'momentum' (--momentum)?"),
+    ('- lr\n- 0.1\n', 'expected a mapping'),
+    ('just a string\n', 'expected a mapping'),
+    ('lr: fast\n', "--lr fast: expected a number, got str 'fast'"),
+    ('epochs: 2.5\n', '--epochs 2.5: expected an integer'),
+    ('momentum: .nan\n', '--momentum nan'),
+    ('eval_metric: foo\n', "--eval-metric 'foo' is unknown"),
+    ('on_nonfinite: ignore\n', "--on-nonfinite 'ignore': unknown"),
+    ('lr: [0.1\n', 'could not read --config'),
+])
+def test_bad_config_yaml_is_rejected_up_front(tmp_path, text, expected):
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text(text)
+    _assert_rejected(tmp_path, ['-c', str(cfg)], expected)
+
+
+def test_every_numeric_flag_has_a_rule():
+    """A new numeric flag without a row in FLAG_RULES would go unchecked: fail here instead."""
+    numeric = {a.dest for a in train_timm.parser._actions if a.type in (int, float)}
+    assert numeric - set(train_timm.FLAG_RULES) == set()
+    assert set(train_timm.FLAG_RULES) <= {a.dest for a in train_timm.parser._actions}
+
+
+def test_named_choices_are_what_timm_builds():
+    """Every scheduler name the validator accepts builds with timm's create_scheduler_v2, and the defaults pass."""
+    from timm.scheduler import create_scheduler_v2
+    opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    for name in train_timm.SCHEDULERS:
+        create_scheduler_v2(opt, sched=name, num_epochs=4, warmup_epochs=1, updates_per_epoch=2)
+    args = train_timm.parse_args([])
+    train_timm.validate_args(args)  # the defaults are valid
+    assert args.method == 'alps' and args.alps_beta == [8.0, 2.0]
+
+
+def test_finished_runs_args_yaml_is_a_valid_config(tmp_path):
+    """args.yaml holds derived keys (rank, world_size, ...) besides the flags: -c accepts it."""
+    import yaml
+    args = train_timm.parse_args(['--lr', '0.05'])
+    train_timm.validate_args(args)
+    data = dict(vars(args), rank=0, world_size=1, local_rank=0, distributed=False, progress=False, prefetcher=True)
+    cfg = tmp_path / 'args.yaml'
+    cfg.write_text(yaml.safe_dump(data))
+    again = train_timm.parse_args(['-c', str(cfg)])
+    train_timm.validate_args(again)
+    assert again.lr == 0.05
+
+
+def test_native_bf16_detection_and_precision_defaults():
+    import argparse
+    args = argparse.Namespace(amp=None, amp_dtype=None, channels_last=None)
+    train_timm.resolve_precision(args, torch.device('cpu'))
+    native = train_timm.cpu_has_native_bf16()
+    assert (args.amp, args.amp_dtype, args.channels_last) == (native, 'bfloat16', native)
+    args = argparse.Namespace(amp=False, amp_dtype=None, channels_last=None)
+    train_timm.resolve_precision(args, torch.device('cpu'))
+    assert (args.amp, args.channels_last) == (False, False)  # --no-amp: fp32, contiguous
