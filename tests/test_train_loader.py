@@ -127,3 +127,11 @@ def test_timm_loader_image_folder_subset(tmp_path):
                                 '--experiment', loader]) == 0
         ckpt = _load(tmp_path / loader / 'last.pth.tar')
         assert ckpt['args'].num_classes == 2 and ckpt['step'] == 2
+
+
+def test_checkpoint_listing_goes_to_log_file_only(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    _run(tmp_path, [])
+    assert 'Current checkpoints' in (tmp_path / 'run' / 'log.txt').read_text()
+    assert not any('Current checkpoints' in r.getMessage() for r in caplog.records)
+    assert sum(r.getMessage().startswith('Epoch 1/1') for r in caplog.records) == 1

@@ -6,7 +6,6 @@ of a save never leaves a truncated ``last.pth.tar``: the previous file stays in 
 It also stores what timm's saver leaves out but an exact resume needs (scheduler, step counters, RNG states, the
 ALPS sampler and the data loader) through an ``extra_state_fn`` callback.
 """
-import argparse
 import errno
 import glob
 import logging
@@ -19,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from timm.utils import CheckpointSaver
+from timm.utils import CheckpointSaver, load_checkpoint_metadata
 from timm.utils.model import get_state_dict
 
 __all__ = [
@@ -100,7 +99,8 @@ class _TaskWithExtraState:
             state = self.task.get_checkpoint_state(ema=ema, **kwargs)
         else:
             module = self.model_ema if ema else self.model
-            state = {} if module is None else {'state_dict_ema' if ema else 'state_dict': get_state_dict(module, **kwargs)}
+            key = 'state_dict_ema' if ema else 'state_dict'
+            state = {} if module is None else {key: get_state_dict(module, **kwargs)}
         if not ema:
             state.update(self.extra)
         return state
@@ -261,20 +261,16 @@ def restore_rank_state(state: Dict[str, Any], mixer=None, loader=None) -> Option
 
 
 # -- reading and finding checkpoints --------------------------------------------------------------------------------
-def _torch_load(path: str, mmap: bool = False) -> Any:
-    kwargs = dict(map_location='cpu', weights_only=True)
-    if mmap:
-        kwargs['mmap'] = True
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, **kwargs)
+def _torch_load(path: str) -> Any:
+    # timm's loader of training checkpoints: weights_only with argparse.Namespace allowed, tensors memory-mapped.
+    return load_checkpoint_metadata(path)
 
 
-def load_training_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
+def load_training_checkpoint(path: str) -> Dict[str, Any]:
     """Load and sanity-check a training checkpoint written by `train_timm.py`.
 
     Args:
-        path: checkpoint file.
-        mmap: memory-map tensors (cheap when only metadata is needed).
+        path: checkpoint file (tensors are memory-mapped, so reading only metadata is cheap).
 
     Raises:
         CheckpointError: the file is missing, unreadable, truncated/corrupt or not a training checkpoint; the
@@ -284,7 +280,7 @@ def load_training_checkpoint(path: str, mmap: bool = False) -> Dict[str, Any]:
         raise CheckpointError(f"--resume: no checkpoint at '{path}'. Give the path of a .pth.tar written by "
                               f"train_timm.py, or '--resume auto' with the run's --output/--experiment folder.")
     try:
-        checkpoint = _torch_load(path, mmap=mmap)
+        checkpoint = _torch_load(path)
     except Exception as e:  # zip/pickle errors differ by torch version; all mean the same to the user
         raise CheckpointError(
             f"--resume: checkpoint '{path}' is corrupt or truncated ({type(e).__name__}: {e}). It was probably "
@@ -329,7 +325,7 @@ def find_resume_checkpoint(output_dir: str) -> Tuple[str, List[Tuple[str, str]]]
     best, best_pos, skipped = None, None, []
     for path in list_checkpoints(output_dir):
         try:
-            pos = _resume_position(load_training_checkpoint(path, mmap=True))
+            pos = _resume_position(load_training_checkpoint(path))
         except CheckpointError as e:
             skipped.append((path, str(e)))
             continue
