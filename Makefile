@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test bench clean
+.PHONY: train test bench bench-train clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.overhead
+
+# train_timm.py's default run against a bare fp32 loop (writes benchmarks/results/train_throughput.md)
+bench-train: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.train_throughput
 
 clean:
 	rm -rf $(VENV) output *.egg-info
