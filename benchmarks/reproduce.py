@@ -395,7 +395,7 @@ def checkpoint_epoch(run_dir: Path) -> Optional[int]:
     from timm_alps.checkpoint import CheckpointError, load_training_checkpoint
     try:
         with _LOAD_LOCK:
-            ckpt = load_training_checkpoint(str(path), mmap=True)
+            ckpt = load_training_checkpoint(str(path))
     except CheckpointError as e:
         print(f'[reproduce] {path} is not usable ({e}); the run counts as interrupted', flush=True)
         return None
