@@ -524,8 +524,8 @@ def test_files_that_are_not_checkpoints(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(ValueError, match='cannot read checkpoint'):
         load_checkpoint_model(path)
-    with pytest.raises(ValueError, match='does not exist'):
-        load_checkpoint_model(tmp_path)  # a folder
+    with pytest.raises(ValueError, match='is a folder'):
+        load_checkpoint_model(tmp_path)
 
 
 # -- AutoAttack ------------------------------------------------------------------------------------------------------

@@ -112,6 +112,9 @@ def load_checkpoint_model(
             raise
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f'checkpoint {str(path)!r} is a folder, not a checkpoint file; pass the .pth.tar inside it '
+                         '(e.g. last.pth.tar or model_best.pth.tar)')
     if not path.is_file():
         raise ValueError(f'checkpoint {str(path)!r} does not exist')
     try:
