@@ -390,13 +390,14 @@ def write_json(rows, path: Path, args, meta: Dict[str, str]) -> None:
     """RobustBench-style summary: per model `clean_acc`, `autoattack_acc`, `eps`, `threat_model`, `n_examples` at the
     RobustBench radius (8/255 L-inf, 0.5 L2) when it is in the grid, else the largest; every eps under `results`."""
     models = []
+    exact_eps = {eps_label(e): e for e in args.eps}  # the csv rounds eps to 6 digits; RobustBench gives 8/255 exactly
     for method in dict.fromkeys(r['method'] for r in rows):
         sub = [r for r in rows if r['method'] == method]
         target = ROBUSTBENCH_EPS[args.norm]
         main_row = min(sub, key=lambda r: (abs(float(r['eps']) - target) > 1e-9, -float(r['eps'])))
         results = []
         for r in sub:
-            entry = {'eps': float(r['eps']), 'eps_label': r['eps_label']}
+            entry = {'eps': exact_eps[r['eps_label']], 'eps_label': r['eps_label']}
             for key, _, prefix, attack in COLUMNS:
                 if key != 'clean':
                     entry[f'{key}_acc'] = _acc(r[f'{key}_err'])

@@ -259,6 +259,7 @@ def test_cli_autoattack_report_json_table_plot(files):
     rows = {r['eps_label']: r for r in _read_csv(paths['csv'])}
     # RobustBench fields at 8/255, and every other attack per eps
     assert (model['eps_label'], model['threat_model'], model['n_examples']) == ('8/255', 'Linf', 20)
+    assert model['eps'] == 8 / 255
     assert model['clean_acc'] == pytest.approx(100 - float(rows['8/255']['clean_err']))
     assert model['autoattack_acc'] == pytest.approx(100 - float(rows['8/255']['autoattack_err']))
     assert model['checkpoint'] == str(files['ten']) and 'autoattack' in doc['command']
