@@ -302,12 +302,7 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
              f'Command: `{meta["command"]}`', '',
              f'- Data: {meta["data"]}, {meta["num_samples"]} images; device {meta["device"]}; '
              f'torch {torch.__version__}; wall time {meta["wall"]}.',
-             f'- Attacks in pixel space [0, 1], L-infinity, fp32, models in eval mode. FGSM; {pgd_name} with step '
-             f'{args.pgd_step_ratio:g} x eps{" and random start" if args.pgd_random_start else ", no random start"} '
-             f'(keeps each sample\'s highest-loss iterate); APGD-CE {args.apgd_steps} steps, '
-             f'{args.apgd_restarts} restart(s).' + (
-                 f' AutoAttack ({_autoattack_desc(args)}): APGD-CE, APGD-T, FAB-T, Square, each on the images the '
-                 f'previous ones left robust; norm {args.norm}.' if 'autoattack' in args.attacks else ''),
+             '- Attacks in pixel space [0, 1], fp32, models in eval mode: ' + _attacks_desc(args, pgd_name),
              '- Black-box: ' + (f'examples crafted once on **{meta["source"]}** (`{args.source}`) and shown to every '
                                 'model.' if args.source else 'not run (no --source).'),
              '- Cells: top-1 test error (%), lower is better; best per column in bold.']
@@ -373,6 +368,25 @@ def write_markdown(rows, path: Path, args, meta: Dict[str, str], paper: Optional
     lines += ['', 'Files: `robustness.csv` (one row per method and eps, paper figures in `paper_*` columns), '
                   '`robustness.json` (RobustBench-style fields per model), `robustness.png` (error against eps).', '']
     path.write_text('\n'.join(lines))
+
+
+def _attacks_desc(args, pgd_name: str) -> str:
+    """One sentence per attack that was run."""
+    parts = []
+    if 'fgsm' in args.attacks:
+        parts.append('FGSM (L-inf)')
+    if 'pgd' in args.attacks:
+        parts.append(f'{pgd_name} (L-inf) with step {args.pgd_step_ratio:g} x eps'
+                     f'{" and random start" if args.pgd_random_start else ", no random start"} (keeps each '
+                     'sample\'s highest-loss iterate)')
+    if 'apgd' in args.attacks:
+        parts.append(f'APGD-CE (L-inf) {args.apgd_steps} steps, {args.apgd_restarts} restart(s)')
+    if 'autoattack' in args.attacks:
+        parts.append(f'AutoAttack ({_autoattack_desc(args)}, {args.norm}): APGD-CE, APGD-T, FAB-T, Square, each on '
+                     'the images the previous ones left robust')
+    if 'unbounded' in args.attacks:
+        parts.append(f'unbounded PGD ({args.unbounded_steps} steps of {args.unbounded_step_size:g})')
+    return '; '.join(parts) + '.'
 
 
 def _autoattack_desc(args) -> str:
