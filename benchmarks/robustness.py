@@ -35,6 +35,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from benchmarks.machine import machine_line
 from benchmarks.paper_numbers import PAPER_ERRORS
 from timm_alps.attacks import (
     UNBOUNDED_MAX_ACCURACY, apgd_ce, evaluate_robustness, fgsm, gradient_masking_suspected, load_checkpoint_model,
@@ -638,7 +639,7 @@ def run(args, argv: Sequence[str]) -> Dict[str, Path]:
              'png': out / 'robustness.png'}
     meta = {
         'command': 'python -m benchmarks.robustness ' + ' '.join(shlex.quote(a) for a in argv),
-        'data': desc, 'num_samples': str(result.num_samples), 'device': str(device),
+        'data': desc, 'num_samples': str(result.num_samples), 'device': f'{device} ({machine_line(device)})',
         'wall': f'{time.perf_counter() - start:.0f} s', 'source': source_name or '',
         'source_is_target': any(_is_source({'checkpoint': c}, args) for c in args.checkpoints),
     }
