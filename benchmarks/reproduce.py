@@ -12,7 +12,7 @@ Each (dataset, model, method, seed) is one `train_timm.py` run with the preset's
 exist is skipped; an interrupted one is continued with `--resume auto`, after its `args.yaml` is checked against the
 new command (parsed by train_timm.py itself): only place and speed flags may differ. After training, each model is
 attacked through the library's one protocol (`timm_alps.attacks.evaluate_robustness` / `transfer_attack`, on the
-class-balanced subsets `python -m benchmarks.robustness --max-samples N` uses): clean, FGSM 4/255 and PGD-10 (step
+seeded class-balanced subsets `python -m benchmarks.robustness --max-samples N` uses): clean, FGSM 4/255 and PGD-10 (step
 1/255, radius 4/255) white-box, the same crafted once on the ERM model of the next seed (black-box, so ERM's own row
 is a transfer too), APGD-CE, AutoAttack (standard version, `timm_alps.autoattack`) at the preset's radii, the
 unbounded-PGD gradient-masking check, PGD error against eps for the plot and, where the preset asks, the paper
@@ -66,7 +66,7 @@ UNBOUNDED_STEP = 0.01
 # -- presets ---------------------------------------------------------------------------------------------------------
 # `data`: dataset -> default source (an .npz or a shard folder; 'bundled' = the subset shipped with timm_alps).
 # `milestones`: fractions of `epochs` completed when the LR is divided by 10 (the paper: after 100 and 150 of 200).
-# `eval`: attack-suite sizes, each the first N class-balanced test images: clean error on `clean_samples`, FGSM/PGD
+# `eval`: attack-suite sizes, each N class-balanced test images drawn with EVAL_SEED: clean error on `clean_samples`, FGSM/PGD
 # (white- and black-box) on `samples`; APGD-CE, the unbounded check, the eps curve and AutoAttack (at each of
 # `autoattack_eps` /255; `autoattack_steps` / `_queries` below 100 / 5000 are not the standard version) on their
 # `*_samples`; `normalised_eps` adds the paper protocol with eps 4/255 in normalised-input units.
@@ -564,6 +564,7 @@ def _train_parser_args(argv: List[str]) -> argparse.Namespace:
 
 
 # -- evaluation: the library's protocol (timm_alps.attacks.evaluate_robustness / transfer_attack) -------------------
+EVAL_SEED = 0  # seed of the evaluation subsets (timm_alps.data.subset_indices)
 EVAL_PROTOCOL = 2  # bump when the evaluation changes: cached eval.json files of another protocol are recomputed
 
 
@@ -573,12 +574,12 @@ def _device():
 
 
 def eval_batches(data_source: str, samples: int, batch_size: int, device):
-    """The first `samples` test images, class-balanced, as the robustness benchmark picks them
-    (`benchmarks.robustness.balanced_first`: the same subsets for every model and both tools)."""
-    from benchmarks.robustness import Batches, balanced_first
+    """`samples` class-balanced test images drawn with seed `EVAL_SEED`, as `python -m benchmarks.robustness
+    --max-samples N` (and train_timm.py's --max-eval-samples) draw them: the same subsets for every model and tool."""
+    from benchmarks.robustness import Batches, eval_subset
     x, y = _test_split(data_source)
     if samples < len(y):
-        keep = balanced_first(y, samples)
+        keep = eval_subset(y, samples, EVAL_SEED)
         x, y = x[keep], y[keep]
     return Batches(x, y, batch_size, device)
 
@@ -961,8 +962,9 @@ def _protocol_text(preset: Dict[str, Any]) -> str:
     ev = preset['eval']
     text = (f'Top-1 test error (%), mean ± std over the finished seeds (n = seeds finished of '
             f'{len(preset["seeds"])} planned), beside the paper\'s number in brackets (paper: full-width model, 200 '
-            f'epochs). Every number comes from `timm_alps.attacks.evaluate_robustness` / `transfer_attack` on the '
-            f'first N class-balanced test images (the subsets of `python -m benchmarks.robustness --max-samples N`): '
+            f'epochs). Every number comes from `timm_alps.attacks.evaluate_robustness` / `transfer_attack` on N '
+            f'class-balanced test images drawn with seed {EVAL_SEED} (`timm_alps.data.subset_indices`, the subsets of '
+            f'`python -m benchmarks.robustness --max-samples N`): '
             f'clean error on {ev["clean_samples"]}, FGSM / PGD-10 on {ev["samples"]}, APGD-CE on '
             f'{ev["apgd_samples"]} ({ev["apgd_steps"]} steps)')
     if ev.get('autoattack_samples'):

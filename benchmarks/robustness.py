@@ -118,16 +118,11 @@ def method_name(model: torch.nn.Module) -> str:
     return str(method) if method else Path(model.checkpoint_path).resolve().parent.name
 
 
-def balanced_first(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the first `n` samples taken round-robin over classes (per-class counts differ by at most one)."""
-    order = torch.argsort(labels, stable=True)
-    sorted_labels = labels[order]
-    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
-    rank = torch.arange(len(labels)) - starts  # position of each sample within its class, in data order
-    rank_of = torch.empty_like(rank)
-    rank_of[order] = rank
-    keep = torch.argsort(rank_of * (len(labels) + 1) + torch.arange(len(labels)), stable=True)[:n]
-    return keep.sort().values
+def eval_subset(labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """The evaluation subset of every tool here (this CLI's --max-samples, benchmarks.reproduce, train_timm.py's
+    --max-eval-samples): `timm_alps.data.subset_indices`, n class-balanced samples drawn with `seed`, sorted."""
+    from timm_alps.data import subset_indices
+    return subset_indices(len(labels), n, seed, labels=labels)
 
 
 def load_data(args) -> Tuple[torch.Tensor, torch.Tensor, str]:
@@ -164,9 +159,10 @@ def load_data(args) -> Tuple[torch.Tensor, torch.Tensor, str]:
     if images.shape[0] != labels.shape[0]:
         raise ValueError(f'{desc}: {images.shape[0]} images but {labels.shape[0]} labels')
     if args.max_samples is not None and args.max_samples < images.shape[0]:
-        keep = balanced_first(labels, args.max_samples)
+        keep = eval_subset(labels, args.max_samples, args.seed)
         images, labels = images[keep], labels[keep]
-        desc += f', first {args.max_samples} class-balanced'
+        desc += (f', first {args.max_samples} class-balanced of a seeded shuffle (seed {args.seed}, '
+                 'timm_alps.data.subset_indices)')
     return images, labels.long(), desc
 
 
@@ -506,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument('--dataset', default=None, help='timm dataset name, e.g. torch/cifar10 or wds/cifar10')
     data.add_argument('--data-root', default=None, help='root folder for --dataset')
     data.add_argument('--split', default='test', help='split to evaluate')
-    data.add_argument('--max-samples', type=int, default=None, help='first N images, class-balanced')
+    data.add_argument('--max-samples', type=int, default=None,
+                      help='N class-balanced images drawn with --seed (timm_alps.data.subset_indices)')
     atk = p.add_argument_group('attacks')
     atk.add_argument('--attacks', nargs='+', choices=ATTACKS, default=list(DEFAULT_ATTACKS),
                      help='autoattack (the standard version) needs `pip install "timm-alps[robustness]"`')
@@ -530,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group('run')
     run.add_argument('--batch-size', type=int, default=256)
     run.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    run.add_argument('--seed', type=int, default=0, help='seed of the random starts')
+    run.add_argument('--seed', type=int, default=0, help='seed of the --max-samples draw and the random starts')
     run.add_argument('--paper', choices=('auto', 'cifar10', 'cifar100', 'none'), default='auto',
                      help='paper figures to show alongside (auto: by number of classes)')
     run.add_argument('--output', default='benchmarks/results/robustness', help='folder for the three files')

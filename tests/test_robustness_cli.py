@@ -154,12 +154,22 @@ def test_cli_numbers_match_direct_evaluation(files):
     assert row['pgd_err'] == '' and row['unbounded_acc'] == '' and row['paper_clean_err'] == ''
 
 
-def test_balanced_first():
+def test_eval_subset_is_the_data_modules_seeded_balanced_draw():
+    from timm_alps.data import subset_indices
     labels = torch.tensor([0, 0, 0, 0, 1, 2, 2, 1, 0, 2])
-    keep = bench.balanced_first(labels, 6)
+    keep = bench.eval_subset(labels, 6, seed=3)
     assert torch.bincount(labels[keep], minlength=3).tolist() == [2, 2, 2]
-    assert keep.tolist() == sorted(keep.tolist())
-    assert keep.tolist() == [0, 1, 4, 5, 6, 7]
+    assert keep.tolist() == sorted(keep.tolist()) == subset_indices(10, 6, 3, labels=labels).tolist()
+
+
+def test_reproduce_evaluates_the_subsets_this_cli_evaluates(files):
+    """One protocol: `reproduce.eval_batches(src, N)` yields the images `--max-samples N` evaluates."""
+    from benchmarks import reproduce
+    from timm_alps.data import BUNDLED_DATA_DIR
+    args = bench.build_parser().parse_args([str(files['ten']), '--max-samples', '40'])
+    images, labels, _ = bench.load_data(args)
+    x, y = next(iter(reproduce.eval_batches(str(BUNDLED_DATA_DIR), 40, 1000, 'cpu')))
+    assert torch.equal(y, labels) and torch.equal(x, images.float() / 255)
 
 
 def test_max_samples_class_balanced(files):
@@ -170,7 +180,7 @@ def test_max_samples_class_balanced(files):
     row, = _read_csv(out / 'robustness.csv')
     assert row['num_samples'] == '7'
     md = (out / 'robustness.md').read_text()
-    assert 'first 7 class-balanced' in md and 'PGD-3 white-box' in md
+    assert 'first 7 class-balanced of a seeded shuffle (seed 0' in md and 'PGD-3 white-box' in md
     # the source evaluated as a target: its black-box cells are white-box, and are flagged so
     assert row['bb_fgsm_err'] == row['fgsm_err'] and '(source)' in md and 'left out of the bold ranking' in md
     # PGD-3 is not the paper's protocol: its PGD figures are left out, FGSM's stay
