@@ -226,6 +226,14 @@ def test_smoke_preset_end_to_end(tmp_path):
     env = json.loads((out / 'environment.json').read_text())
     assert env['torch'] == torch.__version__
 
+    # the args.yaml train_timm.py wrote matches the command that wrote it; a recipe flag does not
+    from timm_alps.data import BUNDLED_DATA_DIR
+    preset = R.get_preset('smoke')
+    for run in R.plan_runs(preset, runs_dir.resolve()):
+        cmd = R.train_command(run, preset, str(BUNDLED_DATA_DIR), 'wds/cifar10_subset')
+        assert R.recipe_changes(run.dir / 'args.yaml', cmd + ['--torchcompile']) == [], run.name
+        assert R.recipe_changes(run.dir / 'args.yaml', cmd + ['--epochs', '2']) == ['epochs: 1 -> 2'], run.name
+
     metas = sorted(runs_dir.glob('smoke/*/*.reproduce.json'))
     assert len(metas) == 5
     before = [m.read_text() for m in metas]
