@@ -445,6 +445,10 @@ def validate_args(args) -> None:
     for dest in ('bce_target_thresh', 'bce_pos_weight'):
         if getattr(args, dest) is not None and not args.bce_loss:
             raise TrainError(f'{flag_name(dest)} only applies with --bce-loss')
+    for dest in ('mixup_prob', 'mixup_switch_prob', 'mixup_mode'):
+        if args.method != 'mixup' and getattr(args, dest) != parser.get_default(dest):
+            raise TrainError(f'{flag_name(dest)} only applies to --method mixup (got --method {args.method}); '
+                             f'ALPS has --alps-prob and --alps-mode')
     for dest, method in (('alps_off_epoch', 'alps'), ('mixup_off_epoch', 'mixup')):
         if getattr(args, dest) and args.method != method:
             raise TrainError(f'{flag_name(dest)} only applies to --method {method} (got --method {args.method})')
@@ -584,6 +588,11 @@ def resolve_dataset_args(args) -> None:
             f"dataset folder '{args.data_dir}' does not exist. Create webdataset shards with "
             f"`python -m timm_alps.data --help` (e.g. from a CIFAR .npz or an image folder), use "
             f"--dataset torch/cifar10 --dataset-download, or omit --data-dir/--dataset for the bundled subset.")
+    splits = (_read_info(args) or {}).get('splits')
+    for dest in ('train_split', 'val_split'):
+        if splits and getattr(args, dest) not in splits:
+            raise TrainError(f"{flag_name(dest)} {getattr(args, dest)!r}: '{args.data_dir}' has the splits "
+                             f"{', '.join(map(repr, splits))}")
 
 
 def _read_info(args) -> Optional[Dict[str, Any]]:
@@ -1213,6 +1222,8 @@ def setup_device(args) -> torch.device:
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     try:
+        if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():
+            raise RuntimeError('no CUDA device is available (leave --device out to train on the CPU)')
         device = utils.init_distributed_device(args)
     except (RuntimeError, AssertionError, ValueError) as e:
         raise TrainError(f'could not set up device {args.device!r}: {e}') from e
@@ -1243,29 +1254,19 @@ def create_task_model(args, num_classes: Optional[int]) -> nn.Module:
         raise TrainError(f"could not create model '{args.model}' with --model-kwargs {args.model_kwargs}: {e}") from e
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Train; returns the exit status (0, or 128 + signal number after a checkpoint on SIGINT/SIGTERM).
+def build_model_and_loaders(args, device: torch.device):
+    """Open the data (the loader kind decided once), build the model on the device, then the loaders for its input
+    size; a fixed-input-size model makes --loader auto hand over to timm's loader (which resizes).
 
-    Raises:
-        TrainError: bad input or environment (reported before anything is written when possible).
+    Returns:
+        (model, loader_train, loader_eval, collate_mixer or None)
     """
-    args = parse_args(argv)
-    validate_args(args)
-    resolve_dataset_args(args)
-    args.progress = not args.no_progress and sys.stderr.isatty()
-    args.prefetcher = not args.no_prefetcher
-    device = setup_device(args)
-    rank0 = utils.is_primary(args)
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
-    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 and \
-        device.type == 'cuda' else None
-    utils.random_seed(args.seed, args.rank)
-
-    # data and model
     data = open_data(args)
     if args.num_classes is None and data.classes:
         args.num_classes = len(data.classes)
+    if data.classes and args.num_classes < len(data.classes):
+        raise TrainError(f'--num-classes {args.num_classes} but the dataset has {len(data.classes)} classes; pass '
+                         f'--num-classes {len(data.classes)} or leave it out')
     model = create_task_model(args, args.num_classes)
     if args.num_classes is None:
         args.num_classes = model.num_classes
@@ -1293,7 +1294,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if max_label is not None and max_label >= args.num_classes:
         raise TrainError(f'the dataset has labels up to {max_label} but the model has {args.num_classes} classes; '
                          f'pass --num-classes {max_label + 1}')
-    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
     if len(loader_train) == 0:
         raise TrainError(f'the training set is smaller than one batch ({args.batch_size} per process); '
                          f'lower --batch-size')
@@ -1303,6 +1303,60 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.distributed and args.sync_bn:
         args.dist_bn = ''
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, loader_train, loader_eval, collate_mixer
+
+
+def check_output_folder(args, output_dir: str, task: ALPSTask, optimizer) -> None:
+    """Rank 0 checks the output folder (consent, writable, space); every rank stops with the same error instead of
+    hanging in a collective."""
+    error = None
+    if utils.is_primary(args):
+        try:
+            modules = [task.get_trainable_module()] + ([task.get_trainable_module(ema=True)] if args.model_ema else [])
+            prepare_output_dir(output_dir, args, 3 * estimate_checkpoint_bytes(modules, optimizer))
+        except TrainError as e:
+            error = str(e)
+    if args.distributed:
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise TrainError(error)
+
+
+def set_loader_epoch(loader, epoch: int, args, state: TrainState) -> None:
+    """Tell the loader (or its dataset / sampler, as timm's train.py does) the epoch, and remember its state."""
+    dataset = getattr(loader, 'dataset', None)
+    if hasattr(loader, 'set_epoch'):
+        loader.set_epoch(epoch)
+    elif hasattr(dataset, 'set_epoch'):
+        dataset.set_epoch(epoch)
+    elif args.distributed and hasattr(getattr(loader, 'sampler', None), 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+    state.loader_epoch_state = loader.state_dict() if hasattr(loader, 'state_dict') else None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Train; returns the exit status (0, or 128 + signal number after a checkpoint on SIGINT/SIGTERM).
+
+    Raises:
+        TrainError: bad input or environment (reported before anything is written when possible).
+    """
+    args = parse_args(argv)
+    validate_args(args)
+    resolve_dataset_args(args)
+    args.progress = not args.no_progress and sys.stderr.isatty()
+    args.prefetcher = not args.no_prefetcher
+    device = setup_device(args)
+    rank0 = utils.is_primary(args)
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else nullcontext
+    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 and \
+        device.type == 'cuda' else None
+    utils.random_seed(args.seed, args.rank)
+
+    model, loader_train, loader_eval, collate_mixer = build_model_and_loaders(args, device)
+    updates_per_epoch = math.ceil(len(loader_train) / args.grad_accum_steps)
     if rank0:
         precision = f'{args.amp_dtype} autocast' if args.amp else 'fp32'
         _logger.info(f'Model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), '
@@ -1341,20 +1395,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.sched_on_updates:
             lr_scheduler.step_update(num_updates=state.step)
 
-    # output folder (rank 0 checks it; every rank stops with the same error instead of hanging in a collective)
-    error = None
-    if rank0:
-        try:
-            ema = [task.get_trainable_module(ema=True)] if args.model_ema else []
-            prepare_output_dir(output_dir, args, 3 * estimate_checkpoint_bytes([model] + ema, optimizer))
-        except TrainError as e:
-            error = str(e)
-    if args.distributed:
-        box = [error]
-        torch.distributed.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise TrainError(error)
+    check_output_folder(args, output_dir, task, optimizer)
 
     def extra_state() -> Dict[str, Any]:
         # Every rank's random streams, so a resumed DDP run continues each rank exactly. Mid-epoch: the loader as it
@@ -1391,18 +1432,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     stop = SignalFlag()
     best_metric, best_epoch, last_path = None, None, None
-    dataset_train = getattr(loader_train, 'dataset', None)
     try:
         for epoch in range(start_epoch, num_epochs):
             reg.set_epoch(epoch, task)
-            if hasattr(loader_train, 'set_epoch'):
-                loader_train.set_epoch(epoch)
-            elif hasattr(dataset_train, 'set_epoch'):
-                dataset_train.set_epoch(epoch)
-            elif args.distributed and hasattr(getattr(loader_train, 'sampler', None), 'set_epoch'):
-                loader_train.sampler.set_epoch(epoch)
-            if hasattr(loader_train, 'state_dict'):
-                state.loader_epoch_state = loader_train.state_dict()
+            set_loader_epoch(loader_train, epoch, args, state)
             t_epoch = time.perf_counter()
             train_metrics = train_one_epoch(
                 epoch, task, loader_train, optimizer, args, state, device, lr_scheduler=lr_scheduler, saver=saver,

@@ -84,8 +84,14 @@ BAD = [
     (['--loader', 'timm', '--crop-pad', '2'], '--crop-pad'),
     (['--method', 'erm', '--alps-off-epoch', '3'], '--alps-off-epoch only applies to --method alps'),
     (['--mixup-off-epoch', '3'], '--mixup-off-epoch only applies to --method mixup'),
+    (['--mixup-prob', '0.5'], '--mixup-prob only applies to --method mixup'),
+    (['--method', 'erm', '--mixup-mode', 'elem'], '--mixup-mode only applies to --method mixup'),
     (['--epochs', 'x'], '--epochs'),
     (['--no-such-flag'], '--no-such-flag'),
+    (['--num-classes', '5'], '--num-classes 5 but the dataset has 10 classes'),
+    (['--train-split', 'nope'], "--train-split 'nope'"),
+    (['--val-split', 'validation'], "--val-split 'validation'"),
+    (['--model-kwargs', 'width=4', '--opt', 'sgd', '--opt-kwargs', 'bogus=1'], 'could not create optimizer'),
     (['--sched', 'rsqrt', '--max-train-samples', '64', '--max-eval-samples', '64', '-b', '32', '--model-kwargs', 'width=4'],
      'scheduler --sched rsqrt'),
 ]
@@ -164,3 +170,8 @@ def test_native_bf16_detection_and_precision_defaults():
     args = argparse.Namespace(amp=False, amp_dtype=None, channels_last=None)
     train_timm.resolve_precision(args, torch.device('cpu'))
     assert (args.amp, args.channels_last) == (False, False)  # --no-amp: fp32, contiguous
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
+def test_cuda_device_without_cuda_is_rejected(tmp_path):
+    _assert_rejected(tmp_path, ['--device', 'cuda'], "could not set up device 'cuda'")
