@@ -135,3 +135,29 @@ def test_checkpoint_listing_goes_to_log_file_only(tmp_path, caplog):
     assert 'Current checkpoints' in (tmp_path / 'run' / 'log.txt').read_text()
     assert not any('Current checkpoints' in r.getMessage() for r in caplog.records)
     assert sum(r.getMessage().startswith('Epoch 1/1') for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize('flags', [[], ['--method', 'mixup']], ids=['alps', 'mixup'])
+def test_timm_loader_resume_at_epoch_boundary_is_exact(tmp_path, monkeypatch, flags):
+    """Stopped by SIGTERM at the end of epoch 0, resumed with --resume auto: epoch 1 matches the uninterrupted run
+    (timm's loader: shard shuffle, augmentations, collate mixing; the main process's RNG restored)."""
+    import csv
+    import signal
+    common = ['--loader', 'timm', '--epochs', '2', '--seed', '5', '-j', '1'] + flags
+    _run(tmp_path, common, 'ref')
+    original = train_timm.train_one_epoch
+
+    def stop_after_first(epoch, *a, **k):
+        out = original(epoch, *a, **k)
+        if epoch == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the script: finish the epoch, save, exit 128+15
+        return out
+
+    monkeypatch.setattr(train_timm, 'train_one_epoch', stop_after_first)
+    argv = TINY + common + ['--output', str(tmp_path), '--experiment', 'cut']
+    assert train_timm.main(argv) == 128 + signal.SIGTERM
+    monkeypatch.setattr(train_timm, 'train_one_epoch', original)
+    assert train_timm.main(argv + ['--resume', 'auto']) == 0
+    rows = [list(csv.DictReader(open(tmp_path / name / 'summary.csv'))) for name in ('ref', 'cut')]
+    keys = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'lr')
+    assert [[r[k] for k in keys] for r in rows[1]] == [[r[k] for k in keys] for r in rows[0]]
