@@ -137,6 +137,7 @@ def test_checkpoint_listing_goes_to_log_file_only(tmp_path, caplog):
     assert sum(r.getMessage().startswith('Epoch 1/1') for r in caplog.records) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags', [[], ['--method', 'mixup']], ids=['alps', 'mixup'])
 def test_timm_loader_resume_at_epoch_boundary_is_exact(tmp_path, monkeypatch, flags):
     """Stopped by SIGTERM at the end of epoch 0, resumed with --resume auto: epoch 1 matches the uninterrupted run
