@@ -174,6 +174,29 @@ def block_means(r: dict) -> List[float]:
     return [mean(obj[i:i + STALL_WINDOW]) for i in range(STALL_FROM, len(obj), STALL_WINDOW)]
 
 
+HEADER = """# The ALPS start stall: first epoch of the `cpu` preset, per seed and remedy
+
+CIFAR-10 (50k train images, eval on the first 2,000 test images: `--max-eval-samples 2000`), `preact_resnet18_w16`,
+batch 128, SGD Nesterov momentum 0.9, LR 0.1 from step 0, weight decay 1e-4, ALPS eps 0.3, Beta(8, 2), channels-last:
+the `cpu` preset's ALPS command with `--epochs 1` (its LR milestones act later, so this is its first epoch; checked:
+seed 1's preset arm logs 2.31 / 2.26 at updates 100 / 200, as the 6-epoch run did). Code: commit `0155200` (frozen
+pre-session checkout), driven by `benchmarks/stall_study.py`; exact commands in [commands.md](commands.md), each run's
+argv and per-update losses in `runs/`. Machine: AMD EPYC, 2 cores, CPU only, one training at a time with 1 thread,
+**shared with other agents' jobs (load average 3-11)**: the wall times measure the load, not the arms.
+
+Arms: `preset` (no remedy); `lr-warmup` (`--warmup-epochs 1 --sched-on-updates`: LR linear 1e-5 -> 0.1 over the
+390 updates); `eps-ramp` (ALPS eps = 0.3 * min(1, t / 390) at update t, everything else as the preset);
+`eps-mix-ramp` (eps ramp, and lam -> 1 - min(1, t / 390) * (1 - lam)). The ramps consume no random numbers, so the
+arms of a seed share initial weights, batches, lam and partners.
+
+**Stalled** (fixed after the known stall, preset seed 1, and before any other run had finished): from update 100
+on, some block of 50 updates has a mean eps-0.3 ALPS objective above ln 10 - 0.05 = 2.253 (ln 10 = 2.303 is the
+uniform prediction's value for any target). The objective is computed on the trained logits at eps 0.3 for every
+arm, so the ramped arms are judged on the preset's scale.
+
+"""
+
+
 def write_table(out: str, path: str, arms: List[str]) -> None:
     rows = load_results(out)
     by = {(r['arm'], r['seed']): r for r in rows}
@@ -202,7 +225,7 @@ def write_table(out: str, path: str, arms: List[str]) -> None:
         summary.append(f"| {a} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
                        f"{sum(map(stalled, rs))} | {mean(top):.2f} ± {sd:.2f} | {min(top):.2f} | {cm:.2f} (n={len(common)}) | "
                        f"{mean(mean(r['objective'][-STALL_WINDOW:]) for r in rs):.3f} |")
-    text = '\n'.join(summary) + '\n\nPer run ("obj. peak 0-24" = the highest eps-0.3 ALPS objective of updates ' \
+    text = HEADER + '\n'.join(summary) + '\n\nPer run ("obj. peak 0-24" = the highest eps-0.3 ALPS objective of updates ' \
         '0-24, the early blow-up; training loss of the batch at update 25/100/200/300, as train_timm logs ' \
         'it at batch_idx; in brackets the eps-0.3 ALPS objective on the same logits where the trained loss differs; ' \
         '"obj. worst block" = the highest mean of that objective over the 50-update blocks from update 100 on, the ' \
