@@ -14,9 +14,11 @@ from .data import BUNDLED_DATA_DIR, InMemoryLoader, load_split_tensors
 from .task import ALPSTask
 from .attacks import (NormalizedModel, apgd_ce, evaluate_robustness, fgsm, load_checkpoint_model, pgd,
                       transfer_attack, unbounded_pgd)
+from .autoattack import AutoAttack, AutoAttackResult, autoattack  # attacks need the [robustness] extra
 
 __version__ = '0.1.0'
 __all__ = ['adversarial_label', 'ALPSMixup', 'FastCollateALPSMixup', 'ALPSSoftTargetCrossEntropy',
            'ALPSBinaryCrossEntropy', 'ALPSLoss', 'is_adversarial_target', 'ALPSTask', 'BUNDLED_DATA_DIR',
            'InMemoryLoader', 'load_split_tensors', 'NormalizedModel', 'apgd_ce', 'evaluate_robustness', 'fgsm',
-           'load_checkpoint_model', 'pgd', 'transfer_attack', 'unbounded_pgd']
+           'load_checkpoint_model', 'pgd', 'transfer_attack', 'unbounded_pgd', 'AutoAttack', 'AutoAttackResult',
+           'autoattack']
