@@ -225,6 +225,18 @@ def write_table(out: str, path: str, arms: List[str]) -> None:
         summary.append(f"| {a} | {len(rs)} ({', '.join(str(r['seed']) for r in rs)}) | "
                        f"{sum(map(stalled, rs))} | {mean(top):.2f} ± {sd:.2f} | {min(top):.2f} | {cm:.2f} (n={len(common)}) | "
                        f"{mean(mean(r['objective'][-STALL_WINDOW:]) for r in rs):.3f} |")
+    ref = 'lr-warmup'
+    if ref in arms and common:
+        summary += ['', f'Paired by seed (same initial weights and batches), eval top-1 of each arm minus `{ref}`, over '
+                        f'seeds {", ".join(map(str, common))}:', '',
+                    '| arm | mean difference (points) | std | seeds where the arm is at least as accurate |',
+                    '|---|---|---|---|']
+        for a in arms:
+            if a == ref:
+                continue
+            d = [by[(a, s)]['eval_top1'] - by[(ref, s)]['eval_top1'] for s in common]
+            sd = (sum((x - mean(d)) ** 2 for x in d) / (len(d) - 1)) ** 0.5 if len(d) > 1 else math.nan
+            summary.append(f'| {a} | {mean(d):+.2f} | {sd:.2f} | {sum(x >= 0 for x in d)} of {len(d)} |')
     text = HEADER + '\n'.join(summary) + '\n\nPer run ("obj. peak 0-24" = the highest eps-0.3 ALPS objective of updates ' \
         '0-24, the early blow-up; training loss of the batch at update 25/100/200/300, as train_timm logs ' \
         'it at batch_idx; in brackets the eps-0.3 ALPS objective on the same logits where the trained loss differs; ' \
