@@ -187,6 +187,9 @@ group.add_argument('--alps-label', type=str, default=None,
                         'in the mixer (default: fused)')
 group.add_argument('--alps-off-epoch', type=int, default=0, metavar='N',
                    help='from epoch N on, no ALPS (no input mixing, no label shift); 0: never (default)')
+group.add_argument('--alps-eps-warmup-epochs', type=float, default=0.0, metavar='E',
+                   help='ramp the ALPS radius linearly from 0 to --alps-eps over the first E epochs (per optimizer '
+                        'update; removes the ALPS start stall, see the README); 0: off (default)')
 group.add_argument('--no-aug', action='store_true', default=False, help='no augmentation')
 group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
 group.add_argument('--crop-pad', type=int, default=None,
@@ -303,7 +306,8 @@ FLAG_RULES: Dict[str, Range] = {
     'decay_rate': _POS,
     # augmentation and regularisation
     'alps_eps': Range(0, 2), 'alps_beta': Range(0, lo_open=True, count=(2,)), 'alps_prob': _PROB,
-    'alps_off_epoch': Range(0), 'hflip': _PROB, 'crop_pad': Range(0), 'scale': Range(0, 1, lo_open=True, count=(2,)),
+    'alps_off_epoch': Range(0), 'alps_eps_warmup_epochs': _NONNEG, 'hflip': _PROB, 'crop_pad': Range(0),
+    'scale': Range(0, 1, lo_open=True, count=(2,)),
     'ratio': Range(0, lo_open=True, count=(2,)), 'color_jitter': _NONNEG, 'reprob': _PROB, 'recount': Range(1),
     'mixup': _NONNEG, 'cutmix': _NONNEG, 'cutmix_minmax': Range(0, 1, lo_open=True, count=(2,)),
     'mixup_prob': _PROB, 'mixup_switch_prob': _PROB, 'mixup_off_epoch': Range(0), 'smoothing': _FRACTION,
@@ -449,9 +453,15 @@ def validate_args(args) -> None:
         if args.method != 'mixup' and getattr(args, dest) != parser.get_default(dest):
             raise TrainError(f'{flag_name(dest)} only applies to --method mixup (got --method {args.method}); '
                              f'ALPS has --alps-prob and --alps-mode')
-    for dest, method in (('alps_off_epoch', 'alps'), ('mixup_off_epoch', 'mixup')):
+    for dest, method in (('alps_off_epoch', 'alps'), ('alps_eps_warmup_epochs', 'alps'),
+                         ('mixup_off_epoch', 'mixup')):
         if getattr(args, dest) and args.method != method:
             raise TrainError(f'{flag_name(dest)} only applies to --method {method} (got --method {args.method})')
+    alps_epochs = min(args.epochs, args.alps_off_epoch or args.epochs)  # epochs trained with ALPS
+    if args.alps_eps_warmup_epochs > alps_epochs:
+        ends = f'--alps-off-epoch {alps_epochs}' if alps_epochs < args.epochs else f'--epochs {alps_epochs}'
+        raise TrainError(f'--alps-eps-warmup-epochs {args.alps_eps_warmup_epochs:g}: the ramp would not reach '
+                         f'--alps-eps before ALPS ends ({ends}); use at most {alps_epochs}')
     if args.aa:
         from timm.data import create_transform
         try:
@@ -902,13 +912,36 @@ def resolve_precision(args, device: torch.device) -> None:
 class Regularisation:
     """What turns a batch into training targets: the mixer in the training step (or None), the mixer in the
     collate (or None), the criterion the mixer asks for, and the plain criterion of the epochs after
-    --alps-off-epoch. `set_epoch` is the one place that switches mixing off."""
+    --alps-off-epoch. `set_epoch` is the one place that switches mixing off, `set_step` the one place that sets the
+    ALPS radius of --alps-eps-warmup-epochs."""
     method: str
     mixup_fn: Optional[Callable]
     collate_mixer: Optional[Any]
     criterion: nn.Module
     plain_criterion: nn.Module
     off_epoch: int = 0
+    eps: float = 0.0  # --alps-eps
+    eps_warmup_updates: int = 0  # --alps-eps-warmup-epochs in optimizer updates; 0: no ramp
+    _eps_set: Optional[float] = dataclasses.field(default=None, init=False, repr=False)
+
+    def eps_at(self, step: int) -> float:
+        """The ALPS radius of the update that follows `step` updates: eps * min(1, step / eps_warmup_updates)."""
+        if step >= self.eps_warmup_updates:
+            return self.eps
+        return self.eps * (step / self.eps_warmup_updates)
+
+    def set_step(self, step: int) -> None:
+        """Set the radius for the next update (`step` = updates done, so a resumed run recomputes it exactly).
+
+        The mixer hands it to whatever applies the label: its loss on the fused and collate paths, itself on the
+        model-handle path (whose loss keeps eps 0). A float assignment: no host sync, nothing logged.
+        """
+        if not self.eps_warmup_updates:
+            return
+        eps = self.eps_at(step)
+        if eps != self._eps_set:
+            self.stateful_mixer.alps_eps = eps
+            self._eps_set = eps
 
     def active(self, epoch: int) -> bool:
         return not (self.off_epoch and epoch >= self.off_epoch)
@@ -930,7 +963,8 @@ class Regularisation:
         return self.mixup_fn if self.mixup_fn is not None else self.collate_mixer
 
 
-def create_regularisation(args, num_classes: int, model: nn.Module, collate_mixer=None) -> Regularisation:
+def create_regularisation(args, num_classes: int, model: nn.Module, collate_mixer=None,
+                          updates_per_epoch: int = 1) -> Regularisation:
     """The mixer for --method and the criterion it calls for (the mixer owns the ALPS label path)."""
     bce = dict(target_threshold=args.bce_target_thresh, pos_weight=args.bce_pos_weight)
     if args.method == 'alps':
@@ -941,7 +975,8 @@ def create_regularisation(args, num_classes: int, model: nn.Module, collate_mixe
                                          model=model if args.alps_label == 'model' else None)
         criterion = mixer.make_loss('bce', **bce) if args.bce_loss else mixer.make_loss()
         plain = BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
-        return Regularisation('alps', mixup_fn, collate_mixer, criterion, plain, args.alps_off_epoch)
+        return Regularisation('alps', mixup_fn, collate_mixer, criterion, plain, args.alps_off_epoch, args.alps_eps,
+                              round(args.alps_eps_warmup_epochs * updates_per_epoch))
     if args.method == 'mixup':
         mixup_fn = None if collate_mixer is not None else Mixup(**_mixup_args(args, num_classes))
         criterion = BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
@@ -1033,8 +1068,12 @@ class SignalFlag:
 
 # -- training -------------------------------------------------------------------------------------------------------
 def train_one_epoch(epoch, task, loader, optimizer, args, state: TrainState, device, lr_scheduler=None, saver=None,
-                    amp_autocast=nullcontext, loss_scaler=None, stop=None, skip_batches=0):
-    """One pass over the loader with --grad-accum-steps batches per update; returns dict(loss, img_per_sec)."""
+                    amp_autocast=nullcontext, loss_scaler=None, stop=None, skip_batches=0,
+                    regularisation: Optional[Regularisation] = None):
+    """One pass over the loader with --grad-accum-steps batches per update; returns dict(loss, img_per_sec).
+
+    `regularisation.set_step` is told the updates done before every batch (the --alps-eps-warmup-epochs ramp).
+    """
     task.train()
     monitor = state.monitor = LossMonitor(device)
     if skip_batches and state.resume_loss is not None:  # the epoch's loss so far, before the interruption
@@ -1058,6 +1097,8 @@ def train_one_epoch(epoch, task, loader, optimizer, args, state: TrainState, dev
         group_size = (n_batches - last_group_start) if batch_idx >= last_group_start else accum
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
+        if regularisation is not None:
+            regularisation.set_step(state.step)
         with (ddp.no_sync() if ddp is not None and not need_update else nullcontext()):
             with amp_autocast():
                 loss = task(input, target)['loss']
@@ -1364,7 +1405,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                      f'{precision}{", channels_last" if args.channels_last else ""}.')
 
     # task, optimizer, schedule
-    reg = create_regularisation(args, args.num_classes, model, collate_mixer)
+    reg = create_regularisation(args, args.num_classes, model, collate_mixer, updates_per_epoch)
+    if rank0 and reg.eps_warmup_updates:
+        _logger.info(f'ALPS radius ramps linearly from 0 to {reg.eps:g} over the first {reg.eps_warmup_updates} '
+                     f'updates (--alps-eps-warmup-epochs {args.alps_eps_warmup_epochs:g}).')
     task = ALPSTask(model, reg.mixup_fn, reg.criterion, device=device, verbose=False)
     try:  # combinations timm itself rejects (e.g. --opt-kwargs a optimizer lacks, --sched rsqrt without warm-up)
         optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
@@ -1439,7 +1483,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             t_epoch = time.perf_counter()
             train_metrics = train_one_epoch(
                 epoch, task, loader_train, optimizer, args, state, device, lr_scheduler=lr_scheduler, saver=saver,
-                amp_autocast=amp_autocast, loss_scaler=loss_scaler, stop=stop, skip_batches=skip_batches)
+                amp_autocast=amp_autocast, loss_scaler=loss_scaler, stop=stop, skip_batches=skip_batches,
+                regularisation=reg)
             skip_batches = 0
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')

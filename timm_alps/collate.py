@@ -48,7 +48,8 @@ class FastCollateALPSMixup(_ALPSMixingBase, FastCollateMixup):
     Args:
         alps_alpha: alpha of the Beta(alpha, beta) distribution of lam, the weight of the sample itself.
         alps_beta: beta of that distribution (paper: Beta(8, 2)).
-        alps_eps: L1 radius of the adversarial label ball in [0, 2], used by `make_loss()`.
+        alps_eps: L1 radius of the adversarial label ball in [0, 2], used by `make_loss()`; setting it later (in
+            the main process) reaches the losses made, see `ALPSMixup.alps_eps`.
         prob: probability that a sample ('elem'), pair ('pair') or the batch ('batch') is mixed at all.
         mode: 'elem', 'pair' or 'batch', as in `ALPSMixup`.
         label_smoothing: smoothing of the returned labels (timm's Mixup defaults to 0.1, this class to 0).

@@ -8,6 +8,10 @@ Exactly once: `ALPSMixup(model=...)` returns targets that are already adversaria
 (`is_adversarial_target`); every ALPS loss with eps > 0 refuses a marked target with a ValueError instead of shifting
 it a second time. `mixup_fn.make_loss()` always returns the matching criterion.
 
+The radius is a validated attribute that may change during training (`loss.eps = ...`, e.g. a ramp from 0 over the
+first updates). With a mixer, set the mixer's `alps_eps` instead: it reaches the loss `make_loss()` made on the
+fused path, and on the model path the mixer applies it while the loss keeps eps 0.
+
 All ALPS losses compute in (at least) float32: half-precision logits are upcast and autocast is off inside the loss,
 so the loss is returned in float32 as timm's losses are under CUDA autocast.
 """
@@ -73,6 +77,29 @@ def eps_arg(name: str, eps) -> float:
         raise ValueError(f'{e}: it is an L1 radius between label distributions') from None
 
 
+class _ALPSRadius(nn.Module):
+    """Base of the ALPS losses: the radius `eps`, validated whenever it is set (at construction or later)."""
+
+    @property
+    def eps(self) -> float:
+        """L1 radius of the label ball in [0, 2].
+
+        It may be changed between steps, e.g. to ramp the radius in over the first updates (the remedy for the
+        ALPS start stall, see the README): ``train_loss_fn.eps = 0.3 * min(1, step / warmup_updates)``. The value
+        is validated as at construction (a ValueError/TypeError names it). A loss made by ``mixup_fn.make_loss()``
+        follows the mixer's ``alps_eps`` on the fused path: set that instead.
+        """
+        return self._eps
+
+    @eps.setter
+    def eps(self, value) -> None:
+        self._eps = self._check_eps(eps_arg('eps', value))
+
+    def _check_eps(self, eps: float) -> float:
+        """Constraints between eps and the loss's other arguments (none here)."""
+        return eps
+
+
 def as_class_target(target: torch.Tensor) -> torch.Tensor:
     """Accept targets as timm does: (B, 1) class indices become (B,), and any integer dtype becomes int64."""
     if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.bool:
@@ -129,7 +156,7 @@ def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optiona
     return target.to(x.dtype)
 
 
-class ALPSSoftTargetCrossEntropy(nn.Module):
+class ALPSSoftTargetCrossEntropy(_ALPSRadius):
     """Drop-in for timm's `SoftTargetCrossEntropy` that trains on the ALPS adversarial label.
 
     The least likely class k* is read from the detached logits of the forward being trained, so ALPS costs no
@@ -143,7 +170,7 @@ class ALPSSoftTargetCrossEntropy(nn.Module):
 
     def __init__(self, eps: float = 0.3):
         super().__init__()
-        self.eps = eps_arg('eps', eps)
+        self.eps = eps  # validated by the property
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of -sum_k rho_k log softmax(x)_k, in float32.
@@ -162,7 +189,7 @@ class ALPSSoftTargetCrossEntropy(nn.Module):
         return f'eps={self.eps}'
 
 
-class ALPSBinaryCrossEntropy(nn.Module):
+class ALPSBinaryCrossEntropy(_ALPSRadius):
     """timm's `BinaryCrossEntropy` evaluated at the ALPS adversarial label.
 
     Per class, BCE is linear in the target with coefficient c_k = w_k (p_k softplus(-z_k) - softplus(z_k)), which
@@ -201,15 +228,13 @@ class ALPSBinaryCrossEntropy(nn.Module):
             smooth_dense: bool = False,
     ):
         super().__init__()
-        self.eps = eps_arg('eps', eps)
+        self.smooth_dense = bool(smooth_dense)
+        self.eps = eps  # validated by the property, after smooth_dense (which rules out eps > 0)
         self.smoothing = real_arg('smoothing', smoothing, 0.0, 1.0, high_open=True)
         self.target_threshold = None if target_threshold is None else real_arg(
             'target_threshold', target_threshold, 0.0, 1.0, high_open=True)
         if reduction not in ('mean', 'sum', 'none'):
             raise ValueError(f"reduction={reduction!r} is unknown; use 'mean', 'sum' or 'none'")
-        if smooth_dense and self.eps > 0:
-            raise ValueError('smooth_dense=True smooths multi-label targets towards 0.5; those rows are not label '
-                             'distributions, so ALPS has no ball around them: use smooth_dense=False or eps=0')
         # numbers, sequences and numpy arrays become float tensors, as timm does for pos_weight
         if pos_weight is not None and not isinstance(pos_weight, torch.Tensor):
             pos_weight = torch.as_tensor(pos_weight, dtype=torch.float32)
@@ -217,13 +242,19 @@ class ALPSBinaryCrossEntropy(nn.Module):
             weight = torch.as_tensor(weight, dtype=torch.float32)
         self.reduction = reduction
         self.sum_classes = bool(sum_classes)
-        self.smooth_dense = bool(smooth_dense)
         self.register_buffer('weight', weight)
         self.register_buffer('pos_weight', pos_weight)
         # Without weights (or with one non-negative pos_weight) c_k is decreasing in z_k, so the logits rank the
         # classes exactly and no coefficient needs computing. Decided here, from the values the user passed.
         self._rank_by_logits = weight is None and (
             pos_weight is None or (pos_weight.numel() == 1 and float(pos_weight) >= 0))
+
+    def _check_eps(self, eps: float) -> float:
+        if eps > 0 and self.smooth_dense:
+            raise ValueError(f'eps={eps} with smooth_dense=True: smooth_dense smooths multi-label targets towards '
+                             f'0.5; those rows are not label distributions, so ALPS has no ball around them: use '
+                             f'smooth_dense=False or eps=0')
+        return eps
 
     def base_target(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The (B, K) target timm's BinaryCrossEntropy would train on (smoothed, thresholded), before the shift."""
@@ -282,7 +313,7 @@ class ALPSBinaryCrossEntropy(nn.Module):
                 f'reduction={self.reduction!r}, sum_classes={self.sum_classes}')
 
 
-class ALPSLoss(nn.Module):
+class ALPSLoss(_ALPSRadius):
     """Any soft-target loss ``base_loss(logits, soft_target)`` evaluated at the ALPS adversarial label.
 
     The label is the exact worst case for cross-entropy (and for BCE, see `ALPSBinaryCrossEntropy`); for another
@@ -308,7 +339,7 @@ class ALPSLoss(nn.Module):
             raise ValueError(f'base_loss binarises its targets (target_threshold={base_loss.target_threshold}), '
                              f'which erases the adversarial eps/2 mass: use '
                              f'ALPSBinaryCrossEntropy(target_threshold=...)')
-        self.eps = eps_arg('eps', eps)
+        self.eps = eps  # validated by the property
         self.base_loss = base_loss
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

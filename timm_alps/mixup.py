@@ -10,6 +10,7 @@ recipe). `from_mixup_args` takes the value in timm's `mixup_args` dict (train.py
 """
 import inspect
 import operator
+import weakref
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -126,7 +127,8 @@ class _ALPSMixingBase:
         # Every argument is validated here, where the user's value enters; the rest of the code trusts them.
         self.alps_alpha = real_arg('alps_alpha', alps_alpha, 0.0, float('inf'), low_open=True, high_open=True)
         self.alps_beta = real_arg('alps_beta', alps_beta, 0.0, float('inf'), low_open=True, high_open=True)
-        self.alps_eps = eps_arg('alps_eps', alps_eps)
+        self._fused_losses = weakref.WeakSet()  # losses make_loss() built for the fused path: they follow alps_eps
+        self.alps_eps = alps_eps  # validated by the property
         self.prob = real_arg('prob', prob, 0.0, 1.0)
         if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"mode={mode!r} is unknown; use one of {', '.join(map(repr, _MODES))}")
@@ -175,6 +177,25 @@ class _ALPSMixingBase:
         kwargs.update(alps_kwargs)
         return cls(**kwargs)
 
+    # -- the radius -----------------------------------------------------------------------------------------------
+    @property
+    def alps_eps(self) -> float:
+        """L1 radius of the adversarial label ball in [0, 2], validated whenever it is set.
+
+        It may change during training, e.g. ramped in from 0 over the first updates (the remedy for the ALPS start
+        stall, see the README): ``mixup_fn.alps_eps = 0.3 * min(1, step / warmup_updates)`` before each update.
+        Setting it reaches whichever part applies the label, so the label stays applied exactly once: on the fused
+        path the losses this mixer made with `make_loss()` take the new eps; on the model path this mixer applies
+        it itself and its loss keeps eps 0.
+        """
+        return self._alps_eps
+
+    @alps_eps.setter
+    def alps_eps(self, value) -> None:
+        self._alps_eps = eps_arg('alps_eps', value)
+        for loss in self._fused_losses:
+            loss.eps = self._alps_eps
+
     # -- the label path -----------------------------------------------------------------------------------------
     @property
     def label_path(self) -> str:
@@ -191,21 +212,28 @@ class _ALPSMixingBase:
                 ``pos_weight`` for 'bce'. Not ``eps``: the mixer's ``alps_eps`` decides it.
 
         Returns:
-            The loss with eps=alps_eps on the fused path, eps=0 when this mixer already made the targets adversarial.
+            The loss with eps=alps_eps on the fused path (it then follows later changes of `alps_eps`), eps=0 when
+            this mixer already made the targets adversarial (the model path).
         """
         if 'eps' in loss_kwargs:
             raise ValueError('make_loss() takes eps from the mixer (alps_eps); do not pass eps')
-        eps = self.alps_eps if self.label_path == 'fused' else 0.0
+        fused = self.label_path == 'fused'
+        eps = self.alps_eps if fused else 0.0
         if isinstance(loss, str):
             if loss == 'ce':
-                return ALPSSoftTargetCrossEntropy(eps=eps, **loss_kwargs)
-            if loss == 'bce':
+                criterion = ALPSSoftTargetCrossEntropy(eps=eps, **loss_kwargs)
+            elif loss == 'bce':
                 # targets from the mixer are already smoothed (B, K) rows, so BCE's own index smoothing is unused
-                return ALPSBinaryCrossEntropy(eps=eps, **loss_kwargs)
-            raise ValueError(f"loss={loss!r} is unknown; use 'ce', 'bce' or a soft-target loss module")
-        if loss_kwargs:
+                criterion = ALPSBinaryCrossEntropy(eps=eps, **loss_kwargs)
+            else:
+                raise ValueError(f"loss={loss!r} is unknown; use 'ce', 'bce' or a soft-target loss module")
+        elif loss_kwargs:
             raise ValueError(f'loss_kwargs {sorted(loss_kwargs)} only apply to loss=\'ce\'/\'bce\'')
-        return ALPSLoss(loss, eps=eps)
+        else:
+            criterion = ALPSLoss(loss, eps=eps)
+        if fused:
+            self._fused_losses.add(criterion)
+        return criterion
 
     # -- random streams -----------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -228,7 +256,12 @@ class _ALPSMixingBase:
         # Pickled into spawned DataLoader workers: fix the DDP rank now (the worker has no process group).
         state = self.__dict__.copy()
         state['rank'] = self._resolved_rank()
+        del state['_fused_losses']  # a copy (worker, deepcopy) does not steer this process's losses
         return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fused_losses = weakref.WeakSet()
 
     def _rng(self, device: torch.device) -> torch.Generator:
         """The private generator of this process (and DataLoader worker), created on first use.
@@ -295,7 +328,8 @@ class ALPSMixup(_ALPSMixingBase):
             (finite, > 0).
         alps_beta: beta of that distribution; the paper puts the mode (alpha-1)/(alpha+beta-2) in (0.75, 1),
             e.g. Beta(8, 2) has mode 0.875.
-        alps_eps: L1 radius of the adversarial label ball in [0, 2] (paper: (0, 0.5)).
+        alps_eps: L1 radius of the adversarial label ball in [0, 2] (paper: (0, 0.5)); may be changed during
+            training (see the `alps_eps` property).
         prob: probability that a sample (`elem`), pair (`pair`) or the batch (`batch`) is mixed at all. The
             adversarial label applies to every sample: in ALPS the label ball is independent of the input mix.
         mode: 'elem' draws lam per sample, 'pair' per pair of partners (each mixes with the other), 'batch' once.
