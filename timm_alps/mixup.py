@@ -256,7 +256,7 @@ class _ALPSMixingBase:
         # Pickled into spawned DataLoader workers: fix the DDP rank now (the worker has no process group).
         state = self.__dict__.copy()
         state['rank'] = self._resolved_rank()
-        del state['_fused_losses']  # a copy (worker, deepcopy) does not steer this process's losses
+        state.pop('_fused_losses', None)  # a copy (worker, deepcopy) does not steer this process's losses
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
