@@ -328,8 +328,9 @@ def prepare_data(source: str, dataset: str, runs_dir: Path, dry_run: bool = Fals
         from timm_alps.data import BUNDLED_DATA_DIR
         return str(BUNDLED_DATA_DIR), 'wds/cifar10_subset', []
     src = Path(source)
-    if (src / '_info.json').is_file():
-        info = json.loads((src / '_info.json').read_text())
+    from timm_alps.data import read_info
+    info = read_info(src) if src.is_dir() else None
+    if info is not None:
         return str(src), f'wds/{info.get("name", dataset)}', []
     if not src.is_dir() and src.suffix != '.npz':
         raise ValueError(f'data source {source!r} is neither a shard folder, an .npz, a folder the converter reads '
@@ -542,10 +543,11 @@ def recipe_changes(args_yaml: Path, cmd: Sequence[str]) -> List[str]:
         saved = yaml.safe_load(args_yaml.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f'{args_yaml} is not readable YAML ({e}); delete the run folder to start it again') from e
+    train_timm = _train_timm()
     try:
-        new = vars(_train_parser_args(list(cmd[2:])))
-    except SystemExit as e:  # argparse's own error exit
-        raise ValueError(f'train_timm.py refuses the command {shlex.join(cmd)} (exit {e.code})') from e
+        new = vars(train_timm.parse_args(list(cmd[2:])))
+    except (train_timm.TrainError, SystemExit) as e:  # the script's one-line error (or argparse's exit for --help)
+        raise ValueError(f'train_timm.py refuses the command {shlex.join(cmd)}: {e}') from e
     out = []
     for key, value in sorted(new.items()):
         if key in PLACE_ARGS or value is None or key not in saved:
@@ -555,12 +557,12 @@ def recipe_changes(args_yaml: Path, cmd: Sequence[str]) -> List[str]:
     return out
 
 
-def _train_parser_args(argv: List[str]) -> argparse.Namespace:
-    """train_timm.py's `parse_args` (flags as that script defines them), imported from the repository root."""
+def _train_timm():
+    """The train_timm.py module (its `parse_args` defines the flags), imported from the repository root."""
     import importlib
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    return importlib.import_module('train_timm').parse_args(argv)
+    return importlib.import_module('train_timm')
 
 
 # -- evaluation: the library's protocol (timm_alps.attacks.evaluate_robustness / transfer_attack) -------------------

@@ -131,7 +131,7 @@ def test_interrupted_run_is_resumed_and_finished_run_skipped(tmp_path):
     assert meta['command'] == cmd and len(meta['slices']) == 1 and meta['slices'][0]['resumed']
     # another recipe must not continue this run: its args.yaml (written by train_timm.py) says what it trains
     real = R.train_command(run, preset, '/data', 'wds/cifar10')
-    (run.dir / 'args.yaml').write_text(yaml.safe_dump(vars(R._train_parser_args(real[2:]))))
+    (run.dir / 'args.yaml').write_text(yaml.safe_dump(vars(R._train_timm().parse_args(real[2:]))))
     with pytest.raises(ValueError, match=r'another recipe.*lr: 0\.05 -> 1\.0'):
         R.train(run, real + ['--lr', '1'], preset, None, False, log=lambda s: None)
 
@@ -273,7 +273,7 @@ def test_speed_flags_do_not_block_a_resume(tmp_path):
     base = R.train_command(run, preset, '/cpu/data', 'wds/cifar10')
     saved = tmp_path / 'args.yaml'
     # what train_timm.py writes: its parsed arguments (lists for tuples, plus keys it derives)
-    saved.write_text(yaml.safe_dump(dict(json.loads(json.dumps(vars(R._train_parser_args(base[2:])))),
+    saved.write_text(yaml.safe_dump(dict(json.loads(json.dumps(vars(R._train_timm().parse_args(base[2:])))),
                                          distributed=False, world_size=1)))
     fast = R.train_command(run, R.get_preset('paper', train_args=['--torchcompile', '--loader', 'timm']),
                            '/gpu/data', 'wds/cifar10')
@@ -308,3 +308,11 @@ def test_eps_table_averages_seeds():
     text = '\n'.join(R.eps_table(recs))
     assert '| ERM | 2 | 21.00 ± 1.41 | 65.00 ± 7.07 |' in text
     assert '| ALPS | 1 | 21.00 | 50.00 |' in text
+
+
+def test_a_command_train_timm_refuses_is_a_value_error_naming_it(tmp_path):
+    saved = tmp_path / 'args.yaml'
+    saved.write_text('epochs: 1\n')
+    bad = ['python', 'train_timm.py', '--momentun', '0.9']  # misspelt: refused by the script's parser
+    with pytest.raises(ValueError, match='refuses the command.*momentun'):
+        R.recipe_changes(saved, bad)
