@@ -105,8 +105,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     'cpu-converged': dict(
         description='CIFAR-10, width-16 PreActResNet18 (w32 with --models) trained to convergence on CPU: the paper '
                     'recipe (batch 128, SGD 0.1 classical momentum 0.9, wd 1e-4, /10 at 1/2 and 3/4 of the epochs) '
-                    'over 60 epochs (--epochs to change), a 1-epoch LR warm-up for every method (ALPS stalls at LR 0.1 '
-                    'from step 0 at some seeds, see results/cpu-alps-warmup); ERM, MixUp (alpha 1), ALPS (Beta(8, 2), '
+                    'over 60 epochs (--epochs to change), a 1-epoch linear LR warm-up per update for every method '
+                    '(ALPS stalls at LR 0.1 from step 0 at some seeds, see results/cpu-alps-warmup); ERM, MixUp '
+                    '(alpha 1), ALPS (Beta(8, 2), '
                     'eps 0.3) x 2 seeds, label smoothing and Dropout with --methods',
         data={'cifar10': '../shared/data/cifar10.npz'},
         models=('preact_resnet18_w16',), optional_models=('preact_resnet18_w32',),
@@ -114,7 +115,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         epochs=60, milestones=(0.5, 0.75), batch_size=128, lr=0.1, seeds=(0, 1), opt='momentum', warmup_epochs=1,
         alps_eps=0.3, alps_beta=(8.0, 2.0),
         max_train_samples=None, max_eval_samples=2000,
-        train_args=['--channels-last'],
+        # the warm-up per update (linear over the first epoch's 390 updates), not timm's per-epoch default, which
+        # would train the whole first epoch at --warmup-lr
+        train_args=['--channels-last', '--sched-on-updates'],
         eval=dict(clean_samples=10000, samples=1000, batch_size=250, apgd_samples=500, apgd_steps=100,
                   unbounded_samples=200, unbounded_steps=200, curve_samples=500, curve_eps=(1, 2, 4, 8),
                   autoattack_samples=500, autoattack_eps=(8, 4), normalised_eps=True),
