@@ -56,6 +56,85 @@ def test_non_finite_logits_are_not_silent():
         ALPSSoftTargetCrossEntropy(eps=0.3)(logits, torch.tensor([0, 1]))
 
 
+def _dense_reference(logits, target, eps):
+    """The ALPS loss and its gradient computed the plain way: -sum(adversarial_label * log_softmax)."""
+    logits = logits.detach().clone().requires_grad_()
+    loss = torch.sum(-adversarial_label(logits, target, eps) * F.log_softmax(logits, -1), -1).mean()
+    loss.backward()
+    return loss, logits.grad
+
+
+def _row(kind, k, y, draw_float):
+    if kind == 'one_hot':
+        return F.one_hot(torch.tensor(y), k).double()
+    if kind == 'smoothed':
+        s = draw_float
+        return torch.full((k,), s / k, dtype=torch.float64).index_fill_(0, torch.tensor([y]), 1 - s + s / k)
+    if kind == 'mixture':
+        row = 0.5 * _row('smoothed', k, y, draw_float) + 0.5 * _row('smoothed', k, (y * 7 + 1) % k, draw_float)
+        return row
+    row = torch.rand(k, dtype=torch.float64, generator=torch.Generator().manual_seed(y))  # arbitrary
+    return row / row.sum()
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), k=st.integers(2, 40), batch=st.integers(1, 6), tie_levels=st.sampled_from([0, 2, 3]),
+       eps=st.sampled_from([0.01, 0.1, 0.3, 0.5, 1.0, 2.0]), smoothing=st.sampled_from([0.0, 0.05, 0.1, 0.5, 0.9]),
+       kinds=st.lists(st.sampled_from(['one_hot', 'smoothed', 'mixture', 'arbitrary']), min_size=6, max_size=6))
+def test_fused_loss_equals_dense_path(seed, k, batch, tie_levels, eps, smoothing, kinds):
+    """The loss never builds the label for one-hot/smoothed rows: value and gradient still equal the dense formula,
+    with ties among the logits (tie_levels > 0: few distinct values, so ties at y, at k* and elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randint(tie_levels, (batch, k), generator=g).float() if tie_levels
+              else torch.randn(batch, k, generator=g) * 3)
+    ys = torch.randint(k, (batch,), generator=g).tolist()
+    target = torch.stack([_row(kinds[b], k, ys[b], smoothing) for b in range(batch)]).float()
+    loss_fn = ALPSSoftTargetCrossEntropy(eps=eps)
+    x = logits.clone().requires_grad_()
+    loss = loss_fn(x, target)
+    loss.backward()
+    reference, reference_grad = _dense_reference(logits, target, eps)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, reference_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_mixup_rows_take_the_fused_path(smoothing, monkeypatch):
+    """ALPSMixup's unmixed rows (one-hot or smoothed) never reach the dense label."""
+    import timm_alps.loss as loss_module
+    torch.manual_seed(0)
+    _, target = ALPSMixup(num_classes=100, label_smoothing=smoothing, seed=0)(torch.zeros(32, 1),
+                                                                               torch.randint(100, (32,)))
+    logits = torch.randn(32, 100, requires_grad=True)
+    reference, reference_grad = _dense_reference(logits, target, 0.3)
+    monkeypatch.setattr(loss_module, 'adversarial_label', None)  # the dense path would fail on this
+    loss = ALPSSoftTargetCrossEntropy(eps=0.3)(logits, target)
+    loss.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(logits.grad, reference_grad)
+
+
+@pytest.mark.parametrize('bad', [float('nan'), float('inf'), -float('inf')])
+def test_non_finite_logits_with_dense_targets_are_not_silent(bad):
+    logits = torch.randn(2, 5)
+    logits[1, 3] = bad
+    with pytest.raises(ValueError, match='NaN or inf'):
+        ALPSSoftTargetCrossEntropy(eps=0.3)(logits, F.one_hot(torch.tensor([0, 1]), 5).float())
+
+
+def test_fused_loss_in_float64():
+    logits = torch.randn(4, 30, dtype=torch.float64)
+    target = torch.full((4, 30), 0.1 / 30, dtype=torch.float64).index_fill_(1, torch.tensor([2]), 0.9 + 0.1 / 30)
+    x = logits.clone().requires_grad_()
+    loss = ALPSSoftTargetCrossEntropy(eps=0.3)(x, target)
+    loss.backward()
+    reference, reference_grad = _dense_reference(logits, target, 0.3)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(x.grad, reference_grad)
+
+
 # --- BinaryCrossEntropy, the general wrapper, precision, the once-only handshake --------------------------------
 
 

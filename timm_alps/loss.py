@@ -14,17 +14,24 @@ fused path, and on the model path the mixer applies it while the loss keeps eps 
 
 All ALPS losses compute in (at least) float32: half-precision logits are upcast and autocast is off inside the loss,
 so the loss is returned in float32 as timm's losses are under CUDA autocast.
+
+Cost. On CPU, `ALPSSoftTargetCrossEntropy` never builds the dense label for the rows `ALPSMixup` returns without
+mixing (one-hot or smoothed one-hot of the sample's class): their loss is a few gathered log-probabilities plus, with
+smoothing, one masked sum (`_one_class_rows`), and the gradient goes through log_softmax's own backward. Every other
+row (mixtures, arbitrary distributions, ties that need the greedy order, eps/2 beyond the classes ranked before the
+true one) takes the dense path, `adversarial_label`, exactly as before. On accelerators the dense path is used.
 """
 import contextlib
 import math
 import numbers
 from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .labels import adversarial_label, validate_target
+from .labels import _check_target, adversarial_label, validate_target
 
 __all__ = ['ALPSSoftTargetCrossEntropy', 'ALPSBinaryCrossEntropy', 'ALPSLoss', 'is_adversarial_target']
 
@@ -142,18 +149,105 @@ def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optiona
     """
     target = as_class_target(target)
     if eps > 0:
-        if is_adversarial_target(target):
-            raise ValueError(
-                f'the target is already adversarial (it comes from ALPSMixup(model=...), which applied the ALPS '
-                f'label), and this loss would shift it again with eps={eps}: build the loss with '
-                f'mixup_fn.make_loss() once the model handle is set (it returns eps=0 on that path), or pass eps=0, '
-                f'so the label is applied once')
+        _refuse_adversarial(target, eps)
         label = adversarial_label(x if order is None else order, target, eps)
         return label if label.dtype == x.dtype else label.to(x.dtype)
     validate_target(target, x.shape[1], x.shape[0])
     if target.ndim == 1:
         return torch.zeros_like(x).scatter_(1, target.view(-1, 1), 1.0)
     return target.to(x.dtype)
+
+
+def _refuse_adversarial(target: torch.Tensor, eps: float) -> None:
+    if is_adversarial_target(target):
+            raise ValueError(
+                f'the target is already adversarial (it comes from ALPSMixup(model=...), which applied the ALPS '
+                f'label), and this loss would shift it again with eps={eps}: build the loss with '
+                f'mixup_fn.make_loss() once the model handle is set (it returns eps=0 on that path), or pass eps=0, '
+                f'so the label is applied once')
+
+
+class _OneClassALPSCrossEntropy(torch.autograd.Function):
+    """-sum(rho * logp) per row, from the label's few coefficients (see `_one_class_rows`), without the label.
+
+    The label is rho = u_mask + c_y e_y + moved e_k*, where u_mask holds u on the classes not ranked before y and 0
+    elsewhere; the gradient with respect to logp is -rho (log_softmax's own backward does the rest, as in timm).
+    """
+
+    @staticmethod
+    def forward(ctx, logp, loss, u_mask, c_y, y, moved, k_star):
+        ctx.save_for_backward(u_mask, c_y, y, moved, k_star)
+        ctx.shape = logp.shape
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        u_mask, c_y, y, moved, k_star = ctx.saved_tensors
+        g = grad_rows.view(-1, 1)
+        grad = torch.zeros(ctx.shape, dtype=g.dtype) if u_mask is None else torch.mul(u_mask, g.neg())
+        grad.scatter_add_(1, y, c_y * -g).scatter_add_(1, k_star, moved * -g)
+        return (grad,) + (None,) * 6
+
+
+def _one_class_rows(x: torch.Tensor, soft: torch.Tensor, u: torch.Tensor, budget: float):
+    """Per-row ALPS cross-entropy for rows u + (v - u) e_y, without the dense label (CPU, float32/64).
+
+    Returns (loss (B,), solved (B,) numpy bool). Rows not `solved` are rows of another form, rows with u > 0 whose
+    class y is tied with another logit or with the minimum, and rows whose greedy cut is not on y (more than eps/2
+    in the classes ranked before y); their loss is 0 here and gets no gradient, and the caller takes them from the
+    dense path. For the solved rows the label is that of `labels._structured_label` with one special class: the r
+    classes ranked before y (logit greater, none equal) are drained completely (r u <= eps/2), the rest of eps/2
+    comes from y, and all of it goes to k* (the first minimum). So the row's loss is
+    -(u sum_{c not before y} log p_c + (v - u - take) log p_y + moved log p_k*). With u = 0 (one-hot) no mask is
+    needed: take = moved = min(eps/2, v) if y is above the minimum, else 0 (the label is the target).
+
+    The O(B K) work is a few torch passes and numpy's argmax/argmin (vectorised on CPU, unlike torch's); the
+    per-row arithmetic runs on (B,) numpy arrays.
+    """
+    z = x.detach()
+    batch, k = z.shape
+    rows = np.arange(batch)
+    z_np, soft_np, u_np = z.numpy(), soft.numpy(), u.numpy()[:, 0]
+    buf = torch.empty_like(z)
+    one_class = torch.gt(soft, u, out=buf).sum(dim=1).numpy() == 1  # exactly one class above the row minimum
+    y = soft_np.argmax(axis=1)  # that class, where one_class
+    k_star = z_np.argmin(axis=1)  # the first minimum; NaN wins both, so it is caught below
+    z_min, z_max = z_np[rows, k_star], z.amax(dim=1).numpy()
+    if not (np.isfinite(z_min).all() and np.isfinite(z_max).all()):
+        raise ValueError('logits contain NaN or inf: the least likely class is undefined '
+                         '(check the model/loss scale)')
+    logp = F.log_softmax(x, dim=1)  # with autograd: its backward is timm's
+    logp_np = logp.detach().numpy()
+    v, z_y = soft_np[rows, y], z_np[rows, y]
+    mass = v * (z_y > z_min)  # y gives nothing when tied with the minimum
+    solved = one_class
+    u_mask, masked_sum, start, n_not_before = None, 0, np.zeros_like(u_np), 0
+    if (u_np > 0).any():
+        z_y_col = torch.from_numpy(z_y).view(-1, 1)
+        u_mask = torch.le(z, z_y_col, out=buf)  # the classes not before y, when no other logit equals z_y
+        n_not_before = u_mask.sum(dim=1).numpy()
+        u_mask.mul_(u)
+        masked_sum = torch.mul(u_mask, logp.detach()).sum(dim=1).numpy()
+        tied = torch.eq(z, z_y_col, out=torch.empty_like(z)).sum(dim=1).numpy() > 1
+        start = (k - n_not_before) * u_np  # the mass of the classes before y, all drained
+        fits = (mass > 0) & (start <= budget) & (budget <= start + mass) & ~tied
+        solved = solved & ((u_np == 0) | fits)
+        start = np.where(u_np > 0, start, 0)
+    dtype = z_np.dtype
+    take = np.minimum(np.maximum(budget - start, 0), mass).astype(dtype)
+    moved = np.minimum(start + mass, budget).astype(dtype)
+    c_y = (v - u_np - take).astype(dtype)
+    keep = solved.astype(dtype)  # unsolved rows: loss 0 and no gradient here
+    loss = -(masked_sum + c_y * logp_np[rows, y] + moved * logp_np[rows, k_star]) * keep
+
+    def col(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).view(-1, 1)
+
+    if u_mask is not None and not solved.all():
+        u_mask.mul_(col(keep))
+    return _OneClassALPSCrossEntropy.apply(
+        logp, torch.from_numpy(loss.astype(dtype)), u_mask, col(c_y * keep), col(y), col(moved * keep),
+        col(k_star)), solved
 
 
 class ALPSSoftTargetCrossEntropy(_ALPSRadius):
@@ -182,8 +276,26 @@ class ALPSSoftTargetCrossEntropy(_ALPSRadius):
         _check_logits(x)
         with _no_autocast(x):
             x = _fp32(x)
-            rho = soft_label(x, target, self.eps)
-            return torch.sum(-rho * F.log_softmax(x, dim=-1), dim=-1).mean()
+            target = as_class_target(target)
+            batch, k = x.shape
+            if (self.eps > 0 and x.device.type == 'cpu' and isinstance(target, torch.Tensor) and target.ndim == 2
+                    and target.is_floating_point() and batch):
+                # Rows u + (v - u) e_y (what ALPSMixup returns without mixing) without the dense label; any other
+                # row takes the dense path below. Same validation and errors as adversarial_label.
+                _refuse_adversarial(target, self.eps)
+                target, row_min = _check_target(target, k, batch)
+                soft = target.detach().to(device=x.device, dtype=x.dtype)
+                rows, solved = _one_class_rows(x, soft, row_min.to(x.device, x.dtype), self.eps / 2)
+                if not solved.all():
+                    index = torch.from_numpy((~solved).nonzero()[0])
+                    dense = self._dense_rows(x[index], target[index])
+                    rows = rows.index_put((index,), dense)
+                return rows.mean()
+            return self._dense_rows(x, target).mean()
+
+    def _dense_rows(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rho = soft_label(x, target, self.eps)
+        return torch.sum(-rho * F.log_softmax(x, dim=-1), dim=-1)
 
     def extra_repr(self) -> str:
         return f'eps={self.eps}'
