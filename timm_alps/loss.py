@@ -211,13 +211,14 @@ def _one_class_rows(x: torch.Tensor, soft: torch.Tensor, u: torch.Tensor, budget
     buf = torch.empty_like(z)
     one_class = torch.gt(soft, u, out=buf).sum(dim=1).numpy() == 1  # exactly one class above the row minimum
     y = soft_np.argmax(axis=1)  # that class, where one_class
-    k_star = z_np.argmin(axis=1)  # the first minimum; NaN wins both, so it is caught below
-    z_min, z_max = z_np[rows, k_star], z.amax(dim=1).numpy()
-    if not (np.isfinite(z_min).all() and np.isfinite(z_max).all()):
-        raise ValueError('logits contain NaN or inf: the least likely class is undefined '
-                         '(check the model/loss scale)')
+    k_star = z_np.argmin(axis=1)  # the first minimum (a NaN wins, so it is caught below)
+    z_min = z_np[rows, k_star]
     logp = F.log_softmax(x, dim=1)  # with autograd: its backward is timm's
     logp_np = logp.detach().numpy()
+    # A NaN or -inf logit shows in z_min; a +inf one makes the whole log_softmax row NaN.
+    if not (np.isfinite(z_min).all() and np.isfinite(logp_np[rows, k_star]).all()):
+        raise ValueError('logits contain NaN or inf: the least likely class is undefined '
+                         '(check the model/loss scale)')
     v, z_y = soft_np[rows, y], z_np[rows, y]
     mass = v * (z_y > z_min)  # y gives nothing when tied with the minimum
     solved = one_class
