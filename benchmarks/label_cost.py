@@ -11,7 +11,8 @@ interquartile range, and the median (IQR) over rounds of the per-round ratio to 
 
 Variants: timm `SoftTargetCrossEntropy`; `timm_alps.ALPSSoftTargetCrossEntropy(eps=0.3)` (the real class); the label
 alone (`timm_alps.adversarial_label`, forward only, to show where the time goes); the label followed by timm's
-soft-target formula inline (the class minus its wrapper: validation, autocast guard, casts); with `--before DIR`, the
+soft-target formula inline (the dense path: on CPU the class itself skips the label for one-hot and smoothed rows,
+see `timm_alps/loss.py`); with `--before DIR`, the
 `adversarial_label` of DIR/timm_alps/labels.py (e.g. a checkout of an older commit) followed by the same soft-target
 cross-entropy, the fused loss as it was.
 """
