@@ -228,8 +228,9 @@ def _one_class_rows(x: torch.Tensor, soft: torch.Tensor, u: torch.Tensor, budget
         u_mask = torch.le(z, z_y_col, out=buf)  # the classes not before y, when no other logit equals z_y
         n_not_before = u_mask.sum(dim=1).numpy()
         u_mask.mul_(u)
-        masked_sum = torch.mul(u_mask, logp.detach()).sum(dim=1).numpy()
-        tied = torch.eq(z, z_y_col, out=torch.empty_like(z)).sum(dim=1).numpy() > 1
+        scratch = torch.empty_like(z)
+        masked_sum = torch.mul(u_mask, logp.detach(), out=scratch).sum(dim=1).numpy()
+        tied = torch.eq(z, z_y_col, out=scratch).sum(dim=1).numpy() > 1
         start = (k - n_not_before) * u_np  # the mass of the classes before y, all drained
         fits = (mass > 0) & (start <= budget) & (budget <= start + mass) & ~tied
         solved = solved & ((u_np == 0) | fits)
