@@ -18,10 +18,8 @@ __all__ = ['ALPSTask']
 
 
 def _label_path(mixup_fn) -> Optional[str]:
-    path = getattr(mixup_fn, 'label_path', None)
-    if path is None and getattr(mixup_fn, 'model', None) is not None:  # ALPSMixup without the label_path property
-        path = 'model'
-    return path
+    # ALPS mixers say which path they take; timm's Mixup (or None) has no label path.
+    return getattr(mixup_fn, 'label_path', None)
 
 
 class ALPSTask(ClassificationTask):
