@@ -15,11 +15,14 @@ fused path, and on the model path the mixer applies it while the loss keeps eps 
 All ALPS losses compute in (at least) float32: half-precision logits are upcast and autocast is off inside the loss,
 so the loss is returned in float32 as timm's losses are under CUDA autocast.
 
-Cost. On CPU, `ALPSSoftTargetCrossEntropy` never builds the dense label for the rows `ALPSMixup` returns without
-mixing (one-hot or smoothed one-hot of the sample's class): their loss is a few gathered log-probabilities plus, with
-smoothing, one masked sum (`_one_class_rows`), and the gradient goes through log_softmax's own backward. Every other
-row (mixtures, arbitrary distributions, ties that need the greedy order, eps/2 beyond the classes ranked before the
-true one) takes the dense path, `adversarial_label`, exactly as before. On accelerators the dense path is used.
+Cost. On CPU, `ALPSSoftTargetCrossEntropy` never builds the dense label for rows u + (v - u) e_y (one-hot or
+smoothed one-hot: every target `ALPSMixup` and `FastCollateALPSMixup` return on the fused path). The mixers note
+each row's class on the targets they return (`mark_one_class`), so the loss does not re-derive it; without a note
+(a copy, a target moved between devices, a user's own one-hot rows) the loss validates the rows and finds each
+row's class itself. The loss of such a row is a few gathered log-probabilities plus, with smoothing, one masked sum
+(`labels._one_class_cut` owns the rule), and the gradient goes through log_softmax's own backward. Every other row
+(mixtures, arbitrary distributions, eps/2 beyond the classes ranked before the true one) takes the dense path,
+`adversarial_label`. On accelerators the dense path is used.
 """
 import contextlib
 import math
@@ -31,11 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .labels import _check_target, adversarial_label, validate_target
+from .labels import _check_target, _one_class_cut, adversarial_label, validate_target
 
 __all__ = ['ALPSSoftTargetCrossEntropy', 'ALPSBinaryCrossEntropy', 'ALPSLoss', 'is_adversarial_target']
 
 _MARK = '_alps_adversarial'  # attribute ALPSMixup(model=...) sets on the targets it already made adversarial
+_ONE_CLASS = '_alps_one_class'  # attribute the mixers set on their fused-path targets (see `mark_one_class`)
 
 
 def mark_adversarial(target: torch.Tensor) -> torch.Tensor:
@@ -167,89 +171,94 @@ def _refuse_adversarial(target: torch.Tensor, eps: float) -> None:
                 f'so the label is applied once')
 
 
-class _OneClassALPSCrossEntropy(torch.autograd.Function):
-    """-sum(rho * logp) per row, from the label's few coefficients (see `_one_class_rows`), without the label.
+def mark_one_class(target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Note on the (B, K) `target` (done by the mixers) that row b is u + (v - u) e_index[b]: one class each.
 
-    The label is rho = u_mask + c_y e_y + moved e_k*, where u_mask holds u on the classes not ranked before y and 0
-    elsewhere; the gradient with respect to logp is -rho (log_softmax's own backward does the rest, as in timm).
+    u and v are read from the target itself (row 0), so the note holds exactly the stored values.
+
+    The fused loss then skips re-deriving each row's class from the dense target (validation, detection, argmax).
+    The note holds the tensor's version counter, so an in-place change of the target voids it; copies do not carry
+    it (they take the general path, with the same result).
+    """
+    if target.shape[0] and target.device.type == 'cpu':  # (only the CPU loss reads the note)
+        first = int(index[0])
+        on, off = target[0, first].item(), target[0, (first + 1) % target.shape[1]].item()
+        setattr(target, _ONE_CLASS, (target._version, index, off, on))
+    return target
+
+
+def _noted_one_class(target: torch.Tensor, shape: torch.Size):
+    """(index (B,) numpy, off, on) from `mark_one_class`, or None if there is no valid note for this target."""
+    note = getattr(target, _ONE_CLASS, None)
+    if note is None or note[0] != target._version or target.shape != shape:
+        return None
+    return note[1:]
+
+
+class _OneClassCrossEntropy(torch.autograd.Function):
+    """The batch's summed loss from rho = u * kept + on_y e_y + moved e_k* (`labels._one_class_cut`).
+
+    The value is computed by the caller (coefficients already scaled by the reduction); the gradient with respect
+    to logp is -rho (log_softmax's own backward does the rest, as in timm), built only in the backward.
     """
 
     @staticmethod
-    def forward(ctx, logp, loss, u_mask, c_y, y, moved, k_star):
-        ctx.save_for_backward(u_mask, c_y, y, moved, k_star)
+    def forward(ctx, logp, value, kept, u, y, on_y, k_star, moved):
+        ctx.save_for_backward(kept, u, y, on_y, k_star, moved)
         ctx.shape = logp.shape
-        return loss
+        return value
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        u_mask, c_y, y, moved, k_star = ctx.saved_tensors
-        g = grad_rows.view(-1, 1)
-        grad = torch.zeros(ctx.shape, dtype=g.dtype) if u_mask is None else torch.mul(u_mask, g.neg())
-        grad.scatter_add_(1, y, c_y * -g).scatter_add_(1, k_star, moved * -g)
-        return (grad,) + (None,) * 6
+    def backward(ctx, grad):
+        kept, u, y, on_y, k_star, moved = ctx.saved_tensors
+        g = grad.neg()
+        out = torch.zeros(ctx.shape, dtype=g.dtype) if kept is None else torch.mul(kept, u * g)
+        out.scatter_add_(1, y, on_y * g).scatter_add_(1, k_star, moved * g)
+        return (out,) + (None,) * 7
 
 
-def _one_class_rows(x: torch.Tensor, soft: torch.Tensor, u: torch.Tensor, budget: float):
-    """Per-row ALPS cross-entropy for rows u + (v - u) e_y, without the dense label (CPU, float32/64).
+def _one_class_loss(x: torch.Tensor, y: np.ndarray, u, v, form: Optional[np.ndarray], budget: float):
+    """Sum over rows of the ALPS cross-entropy of rows u + (v - u) e_y, divided by B (CPU, float32/64 logits).
 
-    Returns (loss (B,), solved (B,) numpy bool). Rows not `solved` are rows of another form, rows with u > 0 whose
-    class y is tied with another logit or with the minimum, and rows whose greedy cut is not on y (more than eps/2
-    in the classes ranked before y); their loss is 0 here and gets no gradient, and the caller takes them from the
-    dense path. For the solved rows the label is that of `labels._structured_label` with one special class: the r
-    classes ranked before y (logit greater, none equal) are drained completely (r u <= eps/2), the rest of eps/2
-    comes from y, and all of it goes to k* (the first minimum). So the row's loss is
-    -(u sum_{c not before y} log p_c + (v - u - take) log p_y + moved log p_k*). With u = 0 (one-hot) no mask is
-    needed: take = moved = min(eps/2, v) if y is above the minimum, else 0 (the label is the target).
-
-    The O(B K) work is a few torch passes and numpy's argmax/argmin (vectorised on CPU, unlike torch's); the
-    per-row arithmetic runs on (B,) numpy arrays.
+    Rows the cut does not solve, and rows outside `form` (a (B,) bool mask of the rows that have this form; None:
+    all), contribute nothing here; returns (value, solved (B,) bool) and the caller adds those rows from the dense
+    path. The label's coefficients come from `labels._one_class_cut`, which owns the rule. The O(B K) work is
+    log_softmax (as in timm) and numpy's argmin; with smoothing, also one mask, its count and one masked sum.
+    u, v: (B,) arrays, or scalars shared by every row.
     """
-    z = x.detach()
-    batch, k = z.shape
+    batch = x.shape[0]
     rows = np.arange(batch)
-    z_np, soft_np, u_np = z.numpy(), soft.numpy(), u.numpy()[:, 0]
-    buf = torch.empty_like(z)
-    one_class = torch.gt(soft, u, out=buf).sum(dim=1).numpy() == 1  # exactly one class above the row minimum
-    y = soft_np.argmax(axis=1)  # that class, where one_class
-    k_star = z_np.argmin(axis=1)  # the first minimum (a NaN wins, so it is caught below)
-    z_min = z_np[rows, k_star]
     logp = F.log_softmax(x, dim=1)  # with autograd: its backward is timm's
     logp_np = logp.detach().numpy()
-    # A NaN or -inf logit shows in z_min; a +inf one makes the whole log_softmax row NaN.
-    if not (np.isfinite(z_min).all() and np.isfinite(logp_np[rows, k_star]).all()):
+    kept, on_y, moved, k_star, solved = _one_class_cut(x.detach(), y, u, v, budget)
+    logp_k = logp_np[rows, k_star]
+    # A NaN or -inf logit is the row minimum; a +inf one makes the whole log_softmax row NaN.
+    if not np.isfinite(logp_k).all():
         raise ValueError('logits contain NaN or inf: the least likely class is undefined '
                          '(check the model/loss scale)')
-    v, z_y = soft_np[rows, y], z_np[rows, y]
-    mass = v * (z_y > z_min)  # y gives nothing when tied with the minimum
-    solved = one_class
-    u_mask, masked_sum, start, n_not_before = None, 0, np.zeros_like(u_np), 0
-    if (u_np > 0).any():
-        z_y_col = torch.from_numpy(z_y).view(-1, 1)
-        u_mask = torch.le(z, z_y_col, out=buf)  # the classes not before y, when no other logit equals z_y
-        n_not_before = u_mask.sum(dim=1).numpy()
-        u_mask.mul_(u)
-        scratch = torch.empty_like(z)
-        masked_sum = torch.mul(u_mask, logp.detach(), out=scratch).sum(dim=1).numpy()
-        tied = torch.eq(z, z_y_col, out=scratch).sum(dim=1).numpy() > 1
-        start = (k - n_not_before) * u_np  # the mass of the classes before y, all drained
-        fits = (mass > 0) & (start <= budget) & (budget <= start + mass) & ~tied
-        solved = solved & ((u_np == 0) | fits)
-        start = np.where(u_np > 0, start, 0)
-    dtype = z_np.dtype
-    take = np.minimum(np.maximum(budget - start, 0), mass).astype(dtype)
-    moved = np.minimum(start + mass, budget).astype(dtype)
-    c_y = (v - u_np - take).astype(dtype)
-    keep = solved.astype(dtype)  # unsolved rows: loss 0 and no gradient here
-    loss = -(masked_sum + c_y * logp_np[rows, y] + moved * logp_np[rows, k_star]) * keep
+    if form is not None:
+        solved &= form
+    scale = np.asarray(1.0 / batch, dtype=logp_np.dtype)
+    if not solved.all():
+        scale = scale * solved  # unsolved rows: nothing here, and no gradient
+    on_y, moved = on_y * scale, moved * scale
+    value = on_y @ logp_np[rows, y] + moved @ logp_k
+    u_col = None
+    if kept is not None:
+        u_scaled = np.asarray(u * scale, dtype=logp_np.dtype)
+        if u_scaled.ndim:
+            value += u_scaled @ torch.mul(kept, logp.detach()).sum(dim=1).numpy()
+            u_col = torch.from_numpy(u_scaled).view(-1, 1)
+        else:  # one u for every row: a single dot product over the batch, no (B, K) temporary
+            value += u_scaled * torch.dot(kept.view(-1), logp.detach().view(-1)).item()
+            u_col = torch.from_numpy(u_scaled)
 
     def col(a):
         return torch.from_numpy(np.ascontiguousarray(a)).view(-1, 1)
 
-    if u_mask is not None and not solved.all():
-        u_mask.mul_(col(keep))
-    return _OneClassALPSCrossEntropy.apply(
-        logp, torch.from_numpy(loss.astype(dtype)), u_mask, col(c_y * keep), col(y), col(moved * keep),
-        col(k_star)), solved
+    value = torch.tensor(-value, dtype=x.dtype)
+    return _OneClassCrossEntropy.apply(logp, value, kept, u_col, col(y.astype(np.int64)), col(on_y), col(k_star),
+                                       col(moved)), solved
 
 
 class ALPSSoftTargetCrossEntropy(_ALPSRadius):
@@ -282,18 +291,36 @@ class ALPSSoftTargetCrossEntropy(_ALPSRadius):
             batch, k = x.shape
             if (self.eps > 0 and x.device.type == 'cpu' and isinstance(target, torch.Tensor) and target.ndim == 2
                     and target.is_floating_point() and batch):
-                # Rows u + (v - u) e_y (what ALPSMixup returns without mixing) without the dense label; any other
+                # Rows u + (v - u) e_y (every ALPSMixup target on the fused path) without the dense label; any other
                 # row takes the dense path below. Same validation and errors as adversarial_label.
                 _refuse_adversarial(target, self.eps)
-                target, row_min = _check_target(target, k, batch)
-                soft = target.detach().to(device=x.device, dtype=x.dtype)
-                rows, solved = _one_class_rows(x, soft, row_min.to(x.device, x.dtype), self.eps / 2)
+                loss, solved = _one_class_loss(x, *self._one_class_form(x, target), self.eps / 2)
                 if not solved.all():
                     index = torch.from_numpy((~solved).nonzero()[0])
-                    dense = self._dense_rows(x[index], target[index])
-                    rows = rows.index_put((index,), dense)
-                return rows.mean()
+                    loss = loss + self._dense_rows(x[index], target[index]).sum() / batch
+                return loss
             return self._dense_rows(x, target).mean()
+
+    @staticmethod
+    def _one_class_form(x: torch.Tensor, target: torch.Tensor):
+        """(y, u, v, form) per row, numpy (B,): each row read as u + (v - u) e_y, `form` marking the rows that are.
+
+        From the mixer's note when there is one (nothing to check: the mixer built the rows, all of this form,
+        form None); otherwise the target is validated and each row's class found (rows of another form take the
+        dense path).
+        """
+        batch, k = x.shape
+        dtype = x.detach().numpy().dtype
+        note = _noted_one_class(target, x.shape)
+        if note is not None:
+            index, off, on = note
+            return np.asarray(index), dtype.type(off), dtype.type(on), None
+        target, row_min = _check_target(target, k, batch)
+        soft = target.detach().to(dtype=x.dtype)
+        soft_np, u = soft.numpy(), row_min.numpy()[:, 0].astype(dtype)
+        one_class = torch.gt(soft, row_min.to(x.dtype), out=torch.empty_like(soft)).sum(dim=1).numpy() == 1
+        y = soft_np.argmax(axis=1)
+        return y, u, soft_np[np.arange(batch), y], one_class
 
     def _dense_rows(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         rho = soft_label(x, target, self.eps)

@@ -20,7 +20,7 @@ from torch.utils.data import get_worker_info
 
 from .labels import adversarial_label, validate_target
 from .loss import (ALPSBinaryCrossEntropy, ALPSLoss, ALPSSoftTargetCrossEntropy, as_class_target, eps_arg,
-                   mark_adversarial, real_arg)
+                   mark_adversarial, mark_one_class, real_arg)
 
 __all__ = ['ALPSMixup', 'sample_mixing']
 
@@ -310,7 +310,8 @@ class _ALPSMixingBase:
         if target.ndim == 1:
             off = self.label_smoothing / self.num_classes
             soft = torch.full((target.shape[0], self.num_classes), off, device=device)
-            return soft.scatter_(1, target.view(-1, 1), 1.0 - self.label_smoothing + off)
+            soft.scatter_(1, target.view(-1, 1), 1.0 - self.label_smoothing + off)
+            return mark_one_class(soft, target)  # lets the fused loss skip finding each row's class
         soft = target.float()
         return soft * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
 
