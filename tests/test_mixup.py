@@ -209,7 +209,7 @@ def test_bad_inputs_are_named():
 
 
 @pytest.mark.parametrize('kwargs, error, match', [
-    (dict(alps_alpha=float('inf')), ValueError, 'alps_alpha=inf'),
+    (dict(alps_alpha=float('inf')), ValueError, 'alps_alpha=inf must be a finite number'),
     (dict(alps_beta=float('nan')), ValueError, 'alps_beta=nan'),
     (dict(alps_alpha=True), TypeError, 'alps_alpha'),
     (dict(alps_eps=None), TypeError, 'alps_eps must be a number'),

@@ -72,8 +72,10 @@ def real_arg(name: str, value, low: float, high: float, low_open: bool = False, 
     value = float(value)
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
-    if not math.isfinite(value) or below or above:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if not math.isfinite(value):
+        raise ValueError(f'{name}={value} must be a finite number in {interval}')
+    if below or above:
         raise ValueError(f'{name}={value} is outside {interval}')
     return value
 
