@@ -231,3 +231,57 @@ def test_collate_properties(batch_size, mode, prob, seed, smoothing, numpy, hw):
     assert torch.equal(out[unmixed], torch.from_numpy(images)[unmixed])  # lam = 1 leaves the image bit for bit
     if mode == 'pair':
         assert torch.equal(partner[partner], torch.arange(batch_size))
+
+
+_TWO_RANKS_SCRIPT = '''
+import sys
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+sys.path.insert(0, {tests!r})
+from test_collate import PatternDataset
+from timm_alps import FastCollateALPSMixup
+
+dist.init_process_group('gloo')
+collate = FastCollateALPSMixup(num_classes=10, seed=42)  # no rank given: read from the process group
+lam, partner = collate.sample(64)
+torch.manual_seed(0)
+loader = DataLoader(PatternDataset(5, 3), batch_size=5, num_workers=1, collate_fn=collate)
+images = torch.cat([x for x, _ in loader])
+torch.save(dict(lam=lam, partner=partner, images=images), {out!r}.format(dist.get_rank()))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow  # two processes import torch and timm (~15 s)
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason='needs torch.distributed with gloo')
+def test_two_real_gloo_ranks_draw_independent_reproducible_streams(tmp_path):
+    """Two real DDP ranks (torchrun, gloo), same seed, no rank passed: each rank draws its own stream, in the main
+    process and in its DataLoader worker, and each equals what `rank=r` gives without a process group."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    script = tmp_path / 'ranks.py'
+    script.write_text(_TWO_RANKS_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                               out=str(tmp_path / 'rank{}.pt')))
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
+                        '127.0.0.1', '--master_port', str(port), str(script)],
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f'rank{rank}.pt') for rank in (0, 1)]
+    assert not torch.equal(ranks[0]['lam'], ranks[1]['lam'])
+    assert not torch.equal(ranks[0]['images'], ranks[1]['images'])
+    for rank, got in enumerate(ranks):
+        lam, partner = FastCollateALPSMixup(num_classes=10, seed=42, rank=rank).sample(64)
+        torch.testing.assert_close(got['lam'], lam)
+        assert torch.equal(got['partner'], partner)
+        collate = FastCollateALPSMixup(num_classes=10, seed=42, rank=rank)
+        torch.manual_seed(0)
+        loader = DataLoader(PatternDataset(5, 3), batch_size=5, num_workers=1, collate_fn=collate)
+        assert torch.equal(got['images'], torch.cat([x for x, _ in loader]))
