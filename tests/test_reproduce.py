@@ -159,7 +159,8 @@ def test_cpu_converged_preset(tmp_path, capsys):
     >= 500 images, the unbounded check and the eps-in-normalised-units columns."""
     preset = R.get_preset('cpu-converged')
     assert preset['epochs'] >= 50 and preset['batch_size'] == 128 and preset['opt'] == 'momentum'
-    assert preset['methods'] == ('erm', 'mixup', 'alps') and preset['seeds'] == (0, 1)
+    # plus the eps-ramp arm of section 2, compared with ALPS at convergence
+    assert preset['methods'] == ('erm', 'mixup', 'alps', 'alps-ramp') and preset['seeds'] == (0, 1)
     assert R.milestones(preset) == [31, 46]
     ev = preset['eval']
     assert ev['autoattack_samples'] >= 500 and tuple(ev['autoattack_eps']) == (8, 4) and ev['normalised_eps']
@@ -168,7 +169,7 @@ def test_cpu_converged_preset(tmp_path, capsys):
     wide = R.get_preset('cpu-converged', models=['preact_resnet18_w32'], methods=['ls', 'dropout'], epochs=80)
     assert wide['models'] == ('preact_resnet18_w32',) and wide['epochs'] == 80 and R.milestones(wide) == [41, 61]
     runs = R.plan_runs(preset, tmp_path)
-    assert sorted(r.name for r in runs) == sorted(f'{m}-s{s}' for m in ('erm', 'mixup', 'alps') for s in (0, 1))
+    assert sorted(r.name for r in runs) == sorted(f'{m}-s{s}' for m in ('erm', 'mixup', 'alps', 'alps-ramp') for s in (0, 1))
     cmd = ' '.join(R.train_command(runs[-1], preset, '/d', 'wds/cifar10'))
     for piece in ('--epochs 60', '-b 128', '--opt momentum --lr 0.1 --momentum 0.9', '--decay-milestones 31 46',
                   '--warmup-epochs 1'):
@@ -182,7 +183,7 @@ def test_cpu_converged_preset(tmp_path, capsys):
     assert R.main(['--preset', 'cpu-converged', '--dry-run', '--runs-dir', str(tmp_path / 'runs'),
                    '--data', str(tmp_path / 'cifar10.npz')]) == 0
     out = capsys.readouterr().out
-    assert out.count('train_timm.py') == 6 and 'AutoAttack (standard version' in out and 'normalised-input' in out
+    assert out.count('train_timm.py') == 8 and 'AutoAttack (standard version' in out and 'normalised-input' in out
     assert not (tmp_path / 'runs').exists()
 
 
@@ -202,6 +203,20 @@ def test_goal_checks_report_contradictions():
     assert sum('**yes**' in line for line in lines) == 5
 
 
+def test_eps_ramp_arm_trains_alps_with_the_ramp_and_is_checked_against_alps(tmp_path):
+    preset = R.get_preset('cpu-converged', seeds=[0])
+    ramp, = [r for r in R.plan_runs(preset, tmp_path) if r.method == 'alps-ramp']
+    cmd = R.train_command(ramp, preset, 'data', 'wds/cifar10')
+    flags = ' '.join(cmd)
+    assert '--method alps --alps-eps-warmup-epochs 1' in flags and '--alps-eps 0.3 --alps-beta 8 2' in flags
+    rows = [dict(group='g', method=m, tag='', values={'clean': [c], 'white-box/pgd': [p]})
+            for m, c, p in (('alps', 10, 60), ('alps-ramp', 10.5, 59))]
+    lines = R.goal_checks(rows)
+    assert any('ALPS + eps ramp clean error <= ALPS: **NO**' in line for line in lines)
+    assert any('ALPS + eps ramp PGD-10 error <= ALPS: **yes**' in line or
+               ('ALPS + eps ramp' in line and 'PGD' in line and '**yes**' in line) for line in lines)
+
+
 @pytest.mark.slow
 def test_smoke_preset_end_to_end(tmp_path):
     """Every method trains on the bundled subset, is attacked, and lands in the table; a second call skips all."""
@@ -214,7 +229,7 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert (out / name).is_file(), name
     with open(out / 'table.csv', newline='') as f:
         rows = list(csv.DictReader(f))
-    assert {r['method'] for r in rows} == set(R.METHODS)
+    assert {r['method'] for r in rows} == set(R.DEFAULT_METHODS)
     for r in rows:
         assert r['n_seeds'] == '1', r
         assert 0.0 <= float(r['mean']) <= 100.0
