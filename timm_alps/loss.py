@@ -318,9 +318,9 @@ class ALPSSoftTargetCrossEntropy(_ALPSRadius):
             index, off, on = note
             return np.asarray(index), dtype.type(off), dtype.type(on), None
         target, row_min = _check_target(target, k, batch)
-        soft = target.detach().to(device=x.device, dtype=x.dtype)
-        soft_np, u = soft.numpy(), row_min.numpy()[:, 0].astype(dtype)
-        one_class = torch.gt(soft, row_min.to(x.dtype), out=torch.empty_like(soft)).sum(dim=1).numpy() == 1
+        soft, row_min = target.detach().to(x.device, x.dtype), row_min.to(x.device, x.dtype)
+        soft_np, u = soft.numpy(), row_min.numpy()[:, 0]
+        one_class = torch.gt(soft, row_min, out=torch.empty_like(soft)).sum(dim=1).numpy() == 1
         y = soft_np.argmax(axis=1)
         return y, u, soft_np[np.arange(batch), y], one_class
 
