@@ -183,6 +183,7 @@ def mark_one_class(target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     it (they take the general path, with the same result).
     """
     if target.shape[0] and target.device.type == 'cpu':  # (only the CPU loss reads the note)
+        index = index.numpy().copy()  # a copy: the caller may reuse its index tensor
         first = int(index[0])
         on, off = target[0, first].item(), target[0, (first + 1) % target.shape[1]].item()
         setattr(target, _ONE_CLASS, (target._version, index, off, on))
@@ -316,7 +317,7 @@ class ALPSSoftTargetCrossEntropy(_ALPSRadius):
         note = _noted_one_class(target, x.shape)
         if note is not None:
             index, off, on = note
-            return np.asarray(index), dtype.type(off), dtype.type(on), None
+            return index, dtype.type(off), dtype.type(on), None
         target, row_min = _check_target(target, k, batch)
         soft, row_min = target.detach().to(x.device, x.dtype), row_min.to(x.device, x.dtype)
         soft_np, u = soft.numpy(), row_min.numpy()[:, 0]
