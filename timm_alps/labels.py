@@ -155,21 +155,22 @@ def _not_before(z: torch.Tensor, index: np.ndarray, z_s: np.ndarray, donor: np.n
     return torch.le(z, out, out=out)
 
 
-def _one_class_cut(z: torch.Tensor, y: np.ndarray, u, v,
-                   budget: float) -> Tuple[Optional[torch.Tensor], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The exact label of rows u + (v - u) e_y, as coefficients (CPU; `z` must be finite).
+def _one_class_label(z: torch.Tensor, y: np.ndarray, u, v,
+                     budget: float) -> Tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """The exact label of rows u + (v - u) e_y without sorting (CPU; `z` must be finite).
 
     Class indices (u = 0, v = 1) and smoothed one-hot rows have this form: every ALPSMixup target on the fused
     path. Along the greedy order such a row is r classes holding u (those ranked before y), then y, then classes
     holding u. If the r classes fit in the budget (r u <= eps/2), they are drained completely and the rest of eps/2
     comes from y; all of it goes to k*. So
 
-        rho = u * kept + on_y e_y + moved e_k*,     kept = 1 on every class not ranked before y (`_not_before`)
+        rho = u * kept + (v - u - take) e_y + moved e_k*,     kept = 1 on every class not ranked before y
 
-    which gives the loss -sum_c rho_c log p_c without building rho. y tied with the minimum gives nothing (its
-    mask then keeps the classes that give nothing, and every donor is drained). A row is solved unless the budget
+    (`_not_before`, ties included), with no mask at all when u = 0. y tied with the minimum gives nothing (its mask
+    then keeps the classes that give nothing, and every donor is drained). A row is solved unless the budget
     reaches past y into the classes after it (r u > eps/2, or eps/2 > r u + v with u > 0): there the order among
-    equal masses matters and the caller must take the general path (`_structured_label`, `_sorted_label`).
+    equal masses matters, and the caller must take those rows from the general path (`_structured_label`,
+    `_sorted_label`); their rows of the returned label are not valid.
 
     Args:
         z: (B, K) float32/64 logits.
@@ -178,26 +179,30 @@ def _one_class_cut(z: torch.Tensor, y: np.ndarray, u, v,
         budget: eps / 2.
 
     Returns:
-        (kept (B, K) 0/1 mask or None when u is 0 in every row, on_y (B,), moved (B,), k_star (B,),
-        solved (B,) bool).
+        (label (B, K), k_star (B,) first minimum, solved (B,) bool).
     """
     batch, k = z.shape
     rows = np.arange(batch)
     z_np = z.numpy()
-    dtype = z_np.dtype
     k_star = z_np.argmin(axis=1)  # the first minimum; numpy's is vectorised on CPU, torch's is not
     z_y = z_np[rows, y]
     donor = z_y > z_np[rows, k_star]
-    mass = (v * donor).astype(dtype)
-    if not np.any(u > 0):  # one-hot rows: Theorem 1, y gives min(eps/2, v) unless tied with the minimum
-        moved = np.minimum(mass, budget).astype(dtype)
-        return None, (v - moved).astype(dtype), moved, k_star, np.ones(batch, dtype=bool)
-    kept = _not_before(z, y[:, None], z_y[:, None], donor[:, None].astype(dtype), out=torch.empty_like(z))
-    start = (k - kept.sum(dim=1).numpy()) * u  # the r classes before y hold u each
-    take = np.minimum(np.maximum(budget - start, 0), mass)
-    moved = np.minimum(start + mass, budget)
-    solved = (start <= budget) & ((budget <= start + mass) | ~donor | (u == 0))
-    return kept, (v - u - take).astype(dtype), moved.astype(dtype), k_star, solved
+    mass = v * donor
+    if np.any(u > 0):
+        label = _not_before(z, y[:, None], z_y[:, None], donor[:, None].astype(z_np.dtype), out=torch.empty_like(z))
+        start = (k - label.sum(dim=1).numpy()) * u  # the r classes before y hold u each
+        label.mul_(torch.from_numpy(np.asarray(u, dtype=z_np.dtype)).view(-1, 1) if np.ndim(u) else float(u))
+        take = np.minimum(np.maximum(budget - start, 0), mass)
+        moved = np.minimum(start + mass, budget)
+        solved = (start <= budget) & ((budget <= start + mass) | ~donor | (u == 0))
+    else:  # one-hot rows: Theorem 1, y gives min(eps/2, v) unless tied with the minimum
+        label = torch.zeros_like(z)
+        take = moved = np.minimum(mass, budget)
+        solved = np.ones(batch, dtype=bool)
+    label_np = label.numpy()
+    label_np[rows, y] += v - u - take
+    label_np[rows, k_star] += moved
+    return label, k_star, solved
 
 
 def _structured_label(z: torch.Tensor, soft: torch.Tensor, row_min: torch.Tensor, z_min: torch.Tensor,

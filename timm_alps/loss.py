@@ -15,14 +15,14 @@ fused path, and on the model path the mixer applies it while the loss keeps eps 
 All ALPS losses compute in (at least) float32: half-precision logits are upcast and autocast is off inside the loss,
 so the loss is returned in float32 as timm's losses are under CUDA autocast.
 
-Cost. On CPU, `ALPSSoftTargetCrossEntropy` never builds the dense label for rows u + (v - u) e_y (one-hot or
-smoothed one-hot: every target `ALPSMixup` and `FastCollateALPSMixup` return on the fused path). The mixers note
-each row's class on the targets they return (`mark_one_class`), so the loss does not re-derive it; without a note
-(a copy, a target moved between devices, a user's own one-hot rows) the loss validates the rows and finds each
-row's class itself. The loss of such a row is a few gathered log-probabilities plus, with smoothing, one masked sum
-(`labels._one_class_cut` owns the rule), and the gradient goes through log_softmax's own backward. Every other row
-(mixtures, arbitrary distributions, eps/2 beyond the classes ranked before the true one) takes the dense path,
-`adversarial_label`. On accelerators the dense path is used.
+Cost. On CPU, `ALPSSoftTargetCrossEntropy` labels rows u + (v - u) e_y (one-hot or smoothed one-hot: every target
+`ALPSMixup` and `FastCollateALPSMixup` return on the fused path) without sorting: a scatter, plus with smoothing
+one "ranked before the true class" mask (`labels._one_class_label` owns the rule). The mixers note each row's class
+on the targets they return (`mark_one_class`), so the loss does not re-derive it; without a note (a copy, a target
+moved between devices, a user's own one-hot rows) the loss validates the rows and finds each row's class itself.
+Every other row (mixtures, arbitrary distributions, eps/2 beyond the classes ranked before the true one) is
+labelled by `adversarial_label`. The loss is then one dot product with log_softmax, whose backward is timm's. On
+accelerators the whole label comes from `adversarial_label`.
 """
 import contextlib
 import math
@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .labels import _check_target, _one_class_cut, adversarial_label, validate_target
+from .labels import _check_target, _one_class_label, adversarial_label, validate_target
 
 __all__ = ['ALPSSoftTargetCrossEntropy', 'ALPSBinaryCrossEntropy', 'ALPSLoss', 'is_adversarial_target']
 
@@ -198,70 +198,22 @@ def _noted_one_class(target: torch.Tensor, shape: torch.Size):
     return note[1:]
 
 
-class _OneClassCrossEntropy(torch.autograd.Function):
-    """The batch's summed loss from rho = u * kept + on_y e_y + moved e_k* (`labels._one_class_cut`).
+def _fused_loss(x: torch.Tensor, y: np.ndarray, u, v, form: Optional[np.ndarray], budget: float):
+    """The batch-mean ALPS cross-entropy of rows u + (v - u) e_y (CPU, float32/64 logits), and the rows it solved.
 
-    The value is computed by the caller (coefficients already scaled by the reduction); the gradient with respect
-    to logp is -rho (log_softmax's own backward does the rest, as in timm), built only in the backward.
+    The label comes from `labels._one_class_label` (no sort; it owns the rule). Rows it does not solve, and rows
+    outside `form` (a (B,) bool mask of the rows of this form; None: all), are returned unsolved: the caller fills
+    their label rows from the general path. Returns (label, logp, solved); the loss is -<label, logp> / B.
     """
-
-    @staticmethod
-    def forward(ctx, logp, value, kept, u, y, on_y, k_star, moved):
-        ctx.save_for_backward(kept, u, y, on_y, k_star, moved)
-        ctx.shape = logp.shape
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        kept, u, y, on_y, k_star, moved = ctx.saved_tensors
-        g = grad.neg()
-        out = torch.zeros(ctx.shape, dtype=g.dtype) if kept is None else torch.mul(kept, u * g)
-        out.scatter_add_(1, y, on_y * g).scatter_add_(1, k_star, moved * g)
-        return (out,) + (None,) * 7
-
-
-def _one_class_loss(x: torch.Tensor, y: np.ndarray, u, v, form: Optional[np.ndarray], budget: float):
-    """Sum over rows of the ALPS cross-entropy of rows u + (v - u) e_y, divided by B (CPU, float32/64 logits).
-
-    Rows the cut does not solve, and rows outside `form` (a (B,) bool mask of the rows that have this form; None:
-    all), contribute nothing here; returns (value, solved (B,) bool) and the caller adds those rows from the dense
-    path. The label's coefficients come from `labels._one_class_cut`, which owns the rule. The O(B K) work is
-    log_softmax (as in timm) and numpy's argmin; with smoothing, also one mask, its count and one masked sum.
-    u, v: (B,) arrays, or scalars shared by every row.
-    """
-    batch = x.shape[0]
-    rows = np.arange(batch)
     logp = F.log_softmax(x, dim=1)  # with autograd: its backward is timm's
-    logp_np = logp.detach().numpy()
-    kept, on_y, moved, k_star, solved = _one_class_cut(x.detach(), y, u, v, budget)
-    logp_k = logp_np[rows, k_star]
+    label, k_star, solved = _one_class_label(x.detach(), y, u, v, budget)
     # A NaN or -inf logit is the row minimum; a +inf one makes the whole log_softmax row NaN.
-    if not np.isfinite(logp_k).all():
+    if not np.isfinite(logp.detach().numpy()[np.arange(x.shape[0]), k_star]).all():
         raise ValueError('logits contain NaN or inf: the least likely class is undefined '
                          '(check the model/loss scale)')
     if form is not None:
         solved &= form
-    scale = np.asarray(1.0 / batch, dtype=logp_np.dtype)
-    if not solved.all():
-        scale = scale * solved  # unsolved rows: nothing here, and no gradient
-    on_y, moved = on_y * scale, moved * scale
-    value = on_y @ logp_np[rows, y] + moved @ logp_k
-    u_col = None
-    if kept is not None:
-        u_scaled = np.asarray(u * scale, dtype=logp_np.dtype)
-        if u_scaled.ndim:
-            value += u_scaled @ torch.mul(kept, logp.detach()).sum(dim=1).numpy()
-            u_col = torch.from_numpy(u_scaled).view(-1, 1)
-        else:  # one u for every row: a single dot product over the batch, no (B, K) temporary
-            value += u_scaled * torch.dot(kept.view(-1), logp.detach().view(-1)).item()
-            u_col = torch.from_numpy(u_scaled)
-
-    def col(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).view(-1, 1)
-
-    value = torch.tensor(-value, dtype=x.dtype)
-    return _OneClassCrossEntropy.apply(logp, value, kept, u_col, col(y.astype(np.int64)), col(on_y), col(k_star),
-                                       col(moved)), solved
+    return label, logp, solved
 
 
 class ALPSSoftTargetCrossEntropy(_ALPSRadius):
@@ -297,11 +249,12 @@ class ALPSSoftTargetCrossEntropy(_ALPSRadius):
                 # Rows u + (v - u) e_y (every ALPSMixup target on the fused path) without the dense label; any other
                 # row takes the dense path below. Same validation and errors as adversarial_label.
                 _refuse_adversarial(target, self.eps)
-                loss, solved = _one_class_loss(x, *self._one_class_form(x, target), self.eps / 2)
-                if not solved.all():
+                label, logp, solved = _fused_loss(x, *self._one_class_form(x, target), self.eps / 2)
+                if not solved.all():  # the other rows from the general path
                     index = torch.from_numpy((~solved).nonzero()[0])
-                    loss = loss + self._dense_rows(x[index], target[index]).sum() / batch
-                return loss
+                    label[index] = soft_label(x[index].detach(), target[index], self.eps)
+                # one dot product over the batch: the same value and gradient as timm's sum(-label * logp).mean()
+                return -torch.dot(label.view(-1), logp.view(-1)) / batch
             return self._dense_rows(x, target).mean()
 
     @staticmethod
