@@ -198,8 +198,8 @@ def _noted_one_class(target: torch.Tensor, shape: torch.Size):
     return note[1:]
 
 
-def _fused_loss(x: torch.Tensor, y: np.ndarray, u, v, form: Optional[np.ndarray], budget: float):
-    """The batch-mean ALPS cross-entropy of rows u + (v - u) e_y (CPU, float32/64 logits), and the rows it solved.
+def _one_class_label_and_logp(x: torch.Tensor, y: np.ndarray, u, v, form: Optional[np.ndarray], budget: float):
+    """log_softmax(x) and the ALPS label of rows u + (v - u) e_y (CPU, float32/64 logits), for the fused loss.
 
     The label comes from `labels._one_class_label` (no sort; it owns the rule). Rows it does not solve, and rows
     outside `form` (a (B,) bool mask of the rows of this form; None: all), are returned unsolved: the caller fills
@@ -249,7 +249,7 @@ class ALPSSoftTargetCrossEntropy(_ALPSRadius):
                 # Rows u + (v - u) e_y (every ALPSMixup target on the fused path) without the dense label; any other
                 # row takes the dense path below. Same validation and errors as adversarial_label.
                 _refuse_adversarial(target, self.eps)
-                label, logp, solved = _fused_loss(x, *self._one_class_form(x, target), self.eps / 2)
+                label, logp, solved = _one_class_label_and_logp(x, *self._one_class_form(x, target), self.eps / 2)
                 if not solved.all():  # the other rows from the general path
                     index = torch.from_numpy((~solved).nonzero()[0])
                     label[index] = soft_label(x[index].detach(), target[index], self.eps)
