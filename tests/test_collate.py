@@ -261,17 +261,12 @@ def test_two_real_gloo_ranks_draw_independent_reproducible_streams(tmp_path):
     """Two real DDP ranks (torchrun, gloo), same seed, no rank passed: each rank draws its own stream, in the main
     process and in its DataLoader worker, and each equals what `rank=r` gives without a process group."""
     import os
-    import socket
     import subprocess
-    import sys
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    from distributed_helpers import torchrun_command
     script = tmp_path / 'ranks.py'
     script.write_text(_TWO_RANKS_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)),
                                                out=str(tmp_path / 'rank{}.pt')))
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_addr',
-                        '127.0.0.1', '--master_port', str(port), str(script)],
+    r = subprocess.run(torchrun_command(2) + [str(script)],
                        env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = [torch.load(tmp_path / f'rank{rank}.pt') for rank in (0, 1)]

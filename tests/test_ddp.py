@@ -2,12 +2,13 @@
 import argparse
 import csv
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from distributed_helpers import torchrun_command  # tests/distributed_helpers.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -20,17 +21,10 @@ VIT = ['--model', 'test_vit', '--model-kwargs', 'img_size=32', 'patch_size=8', '
        '--no-amp']  # fp32: bf16 rounding would differ between batch sizes 16 and 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _run(args, nproc=1):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     if nproc > 1:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc),
-               '--master_addr', '127.0.0.1', '--master_port', str(_free_port())]
+        cmd = torchrun_command(nproc)
     else:
         cmd = [sys.executable]
     r = subprocess.run(cmd + [os.path.join(REPO, 'train_timm.py')] + args, cwd=REPO, env=env, capture_output=True,

@@ -1,5 +1,4 @@
 """ALPSMixup: sampling, modes, label handshake and the model-handle forward."""
-import socket
 
 import numpy as np
 import pytest
@@ -9,6 +8,8 @@ import torch.nn as nn
 from scipy import stats
 
 from timm_alps import ALPSMixup, ALPSSoftTargetCrossEntropy, adversarial_label
+
+from distributed_helpers import free_port  # tests/distributed_helpers.py
 
 
 def small_net(num_classes=10, bn=True, dropout=0.0):
@@ -135,12 +136,6 @@ def test_model_handle_through_torch_compile():
     _, target = ALPSMixup(model=compiled, seed=0, num_classes=10)(torch.randn(4, 3, 8, 8), torch.arange(4))
     assert_untouched(model, before, True)
     assert target.shape == (4, 10)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def test_model_handle_through_ddp_skips_its_hooks():
