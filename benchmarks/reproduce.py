@@ -843,46 +843,53 @@ def aggregate(records: Sequence[Dict[str, Any]], seeds: Sequence[int],
 def goal_checks(rows: Sequence[Dict[str, Any]], samples: Optional[Dict[str, int]] = None) -> List[str]:
     """The issue's goals checked against the measured means, one honest line each.
 
-    `samples` (metric -> test images) adds a noise verdict: a difference below two standard errors of the
-    difference of two error rates measured on that many images is reported as within noise (test-sample noise
-    only; the spread over seeds is in the table).
+    `samples` (metric -> test images) adds a noise verdict: a difference within two standard errors of the
+    difference of the two means is reported as within noise. The standard error counts the test sample (two error
+    rates measured on that many images) and, where both methods have at least two seeds, the spread over seeds
+    (Welch: the seed variance of each method over its number of seeds); with one seed of either method only the
+    test sample is counted, and the line says so.
     """
     lines = []
     for group in dict.fromkeys(r['group'] for r in rows):
         by = {r['method']: r for r in rows if r['group'] == group and not r['tag']}
 
-        def mean(method, metric):
-            v = by.get(method, {}).get('values', {}).get(metric) or []
-            return sum(v) / len(v) if v else None
+        def values(method, metric):
+            return by.get(method, {}).get('values', {}).get(metric) or []
 
-        def check(text, metric, a, b, cmp, relation):
-            if a is None or b is None:
+        def check(text, metric, a_method, b_method, cmp, relation):
+            va, vb = values(a_method, metric), values(b_method, metric)
+            if not va or not vb:
                 lines.append(f'- {group}: {text}: not measured (runs missing)')
                 return
+            a, b = statistics.mean(va), statistics.mean(vb)
             ok = cmp(a, b)
             line = f'- {group}: {text}: **{"yes" if ok else "NO"}** ({a:.2f} {relation if ok else "vs"} {b:.2f}'
             n = (samples or {}).get(metric)
             if n:
                 pa, pb = a / 100, b / 100
-                se = 100 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / n)
-                line += f'; {"within" if abs(a - b) <= 2 * se else "beyond"} noise: 2 SE = {2 * se:.2f} on {n} images'
+                var = 1e4 * (pa * (1 - pa) + pb * (1 - pb)) / n
+                if len(va) > 1 and len(vb) > 1:
+                    var += statistics.variance(va) / len(va) + statistics.variance(vb) / len(vb)
+                    basis = f'{n} images and {len(va)} + {len(vb)} seeds'
+                else:
+                    basis = f'{n} images; test sample only, a method has one seed'
+                se = math.sqrt(var)
+                line += f'; {"within" if abs(a - b) <= 2 * se else "beyond"} noise: 2 SE = {2 * se:.2f} on {basis}'
             lines.append(line + ')')
 
-        check('ALPS clean error <= MixUp', 'clean', mean('alps', 'clean'), mean('mixup', 'clean'),
-              lambda a, b: a <= b, '<=')
-        check('MixUp clean error < ERM', 'clean', mean('mixup', 'clean'), mean('erm', 'clean'), lambda a, b: a < b,
-              '<')
+        check('ALPS clean error <= MixUp', 'clean', 'alps', 'mixup', lambda a, b: a <= b, '<=')
+        check('MixUp clean error < ERM', 'clean', 'mixup', 'erm', lambda a, b: a < b, '<')
         robust = ['white-box/fgsm', 'white-box/pgd'] + sorted(
             {m for r in by.values() for m in r['values'] if m.startswith('white-box/autoattack@')},
             key=lambda m: -int(m.rsplit('@', 1)[1]))
         for metric in robust:
             for base in ('erm', 'mixup'):
-                check(f'ALPS {metric_label(metric)} error < {METHOD_LABELS[base]}', metric, mean('alps', metric),
-                      mean(base, metric), lambda a, b: a < b, '<')
+                check(f'ALPS {metric_label(metric)} error < {METHOD_LABELS[base]}', metric, 'alps', base,
+                      lambda a, b: a < b, '<')
         if 'alps-ramp' in by:  # the ramp may become the default only if it costs nothing at convergence
             for metric in ['clean'] + robust:
-                check(f'ALPS + eps ramp {metric_label(metric)} error <= ALPS', metric, mean('alps-ramp', metric),
-                      mean('alps', metric), lambda a, b: a <= b, '<=')
+                check(f'ALPS + eps ramp {metric_label(metric)} error <= ALPS', metric, 'alps-ramp', 'alps',
+                      lambda a, b: a <= b, '<=')
     return lines
 
 
