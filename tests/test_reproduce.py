@@ -320,11 +320,12 @@ def test_goal_checks_count_the_spread_over_seeds_when_both_methods_have_two():
     def check(mixup, alps):
         rows = [dict(group='g', method='mixup', tag='', values={'clean': mixup}),
                 dict(group='g', method='alps', tag='', values={'clean': alps})]
-        line, = [l for l in R.goal_checks(rows, {'clean': 10000}) if 'ALPS clean error <= MixUp' in l]
+        line, = [x for x in R.goal_checks(rows, {'clean': 10000}) if 'ALPS clean error <= MixUp' in x]
         return line
     # 1.5 points apart: beyond the test-sample noise alone (2 SE = 0.86 on 10000 images)...
     one = check([11.0], [9.5])
-    assert '**yes**' in one and 'beyond noise: 2 SE = 0.86 on 10000 images; test sample only, a method has one seed' in one
+    assert '**yes**' in one
+    assert 'beyond noise: 2 SE = 0.86 on 10000 images; test sample only, a method has one seed' in one
     # ...but not when each method's two seeds are 2 points apart (Welch: + 2/2 + 2/2 on the variance)
     spread = check([10.0, 12.0], [8.5, 10.5])
     assert '(9.50 <= 11.00' in spread and 'within noise: 2 SE = 2.96 on 10000 images and 2 + 2 seeds' in spread
