@@ -187,9 +187,10 @@ group.add_argument('--alps-label', type=str, default=None,
                         'in the mixer (default: fused)')
 group.add_argument('--alps-off-epoch', type=int, default=0, metavar='N',
                    help='from epoch N on, no ALPS (no input mixing, no label shift); 0: never (default)')
-group.add_argument('--alps-eps-warmup-epochs', type=float, default=0.0, metavar='E',
+group.add_argument('--alps-eps-warmup-epochs', type=float, default=None, metavar='E',
                    help='ramp the ALPS radius linearly from 0 to --alps-eps over the first E epochs (per optimizer '
-                        'update; removes the ALPS start stall, see the README); 0: off (default)')
+                        'update; removes the ALPS start stall, see the README); 0: off, the paper\'s ALPS '
+                        '(default: 1 with --method alps)')
 group.add_argument('--no-aug', action='store_true', default=False, help='no augmentation')
 group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
 group.add_argument('--crop-pad', type=int, default=None,
@@ -571,7 +572,11 @@ def apply_method_preset(args) -> None:
             setattr(args, k, list(v) if isinstance(v, tuple) else v)
     defaults = dict(drop=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0)
     if args.method == 'alps':
-        defaults.update(alps_prob=1.0, alps_mode='elem', alps_label='fused')
+        # Not the paper's: ramping eps in over the first epoch removes the ALPS start stall at no measured cost at
+        # convergence (README, "ALPS and the first steps"); --alps-eps-warmup-epochs 0 is the paper's ALPS.
+        defaults.update(alps_prob=1.0, alps_mode='elem', alps_label='fused', alps_eps_warmup_epochs=1.0)
+    else:
+        defaults.update(alps_eps_warmup_epochs=0.0)
     for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)

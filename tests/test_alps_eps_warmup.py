@@ -126,13 +126,30 @@ def test_regularisation_sets_the_radius_where_the_label_path_applies_it(flags, p
     assert [reg.eps_at(t) for t in (0, 5, 10, 11)] == [0.0, 0.15, 0.3, 0.3]
 
 
-def test_no_ramp_by_default_leaves_the_radius_alone():
+def test_alps_ramps_over_one_epoch_by_default_and_zero_turns_it_off():
     args = _args([])
     args.rank = 0
-    assert args.alps_eps_warmup_epochs == 0
+    assert args.method == 'alps' and args.alps_eps_warmup_epochs == 1.0
+    reg = train_timm.create_regularisation(args, 10, nn.Linear(2, 10), updates_per_epoch=4)
+    assert reg.eps_warmup_updates == 4
+    reg.set_step(0)
+    assert reg.criterion.eps == 0.0
+    reg.set_step(2)
+    assert reg.criterion.eps == 0.15
+    reg.set_step(4)
+    assert reg.criterion.eps == 0.3
+
+    args = _args(['--alps-eps-warmup-epochs', '0'])  # the paper's ALPS: the full radius from the first update
+    args.rank = 0
     reg = train_timm.create_regularisation(args, 10, nn.Linear(2, 10), updates_per_epoch=4)
     reg.set_step(0)
     assert reg.eps_warmup_updates == 0 and reg.criterion.eps == 0.3 and reg.mixup_fn.alps_eps == 0.3
+
+
+@pytest.mark.parametrize('flags', [['--method', 'erm'], ['--method', 'mixup'], ['--mixup', '0.2'], ['--method', 'ls']])
+def test_other_methods_get_no_ramp_and_accept_an_explicit_zero(flags):
+    assert _args(flags).alps_eps_warmup_epochs == 0.0
+    assert _args(flags + ['--alps-eps-warmup-epochs', '0']).alps_eps_warmup_epochs == 0.0
 
 
 class _Recorder:
