@@ -11,7 +11,8 @@ Each (dataset, model, method, seed) is one `train_timm.py` run with the preset's
 `<runs-dir>/<preset>/<dataset>-<model>-e<epochs>/<method>-s<seed>/`. A run whose final checkpoint and summary
 exist is skipped; an interrupted one is continued with `--resume auto`, after its `args.yaml` is checked against the
 new command (parsed by train_timm.py itself): only place and speed flags may differ. After training, each model is
-attacked through the library's one protocol (`timm_alps.attacks.evaluate_robustness` / `transfer_attack`, on the
+attacked (white-box in a process of its own, up to --jobs at once, while the other runs train; black-box once all
+are in) through the library's one protocol (`timm_alps.attacks.evaluate_robustness` / `transfer_attack`, on the
 seeded class-balanced subsets `python -m benchmarks.robustness --max-samples N` uses): clean, FGSM 4/255 and PGD-10 (step
 1/255, radius 4/255) white-box, the same crafted once on the ERM model of the next seed (black-box, so ERM's own row
 is a transfer too), APGD-CE, AutoAttack (standard version, `timm_alps.autoattack`) at the preset's radii, the
@@ -709,7 +710,7 @@ def evaluate(run: Run, data_source: str, ev: Dict[str, Any], log: Any = print) -
         errors['eps_normalised_pixels'] = _pixel_eps(model, EPS_PIXELS)
     result.update(errors=errors, unbounded_accuracy=unbounded_acc,
                   gradient_masking_suspected=gradient_masking_suspected(unbounded_acc), pgd_curve=curve,
-                  autoattack=autoattack, device=str(device), seconds=round(time.time() - t0, 1))
+                  autoattack=autoattack, device=str(device), started=round(t0, 1), seconds=round(time.time() - t0, 1))
     _write_json(run.dir / 'eval.json', result)
     return result
 
@@ -1179,7 +1180,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--stop-at-budget', action='store_true',
                         help='also interrupt the run in progress at the budget (it checkpoints and resumes later)')
     parser.add_argument('--jobs', type=int, default=1,
-                        help='training runs at once (CPU: --jobs 2 --threads 1 uses 2 cores best)')
+                        help='training runs at once, and white-box evaluations at once (CPU: --jobs 2 --threads 1 '
+                             'uses 2 cores best)')
     parser.add_argument('--threads', type=int, default=None,
                         help='intra-op threads per training process and for the evaluation (default: torch\'s)')
     parser.add_argument('--dry-run', action='store_true', help='print the commands and the runs\' status, run nothing')
@@ -1266,48 +1268,114 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from concurrent.futures import ThreadPoolExecutor, as_completed
         signal.signal(signal.SIGTERM, _stop_children)
         signal.signal(signal.SIGINT, _stop_children)
+        evaluations = WhiteBoxEvaluations(preset['eval'], args.jobs, args.threads)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             # interrupted runs first (finish what was started), then the plan's order
             partial = [run for run in runs if run_status(run, preset) == 'partial']
             queue = partial + [run for run in runs if run not in partial]
-            futures = [pool.submit(launch, run) for run in queue]  # workers take them in this order
+            futures = {pool.submit(launch, run): run for run in queue}  # workers take them in this order
             try:
                 for fut in as_completed(futures):
                     status = fut.result()
                     if status in ('partial', 'missing'):
                         failures += 1
-                    elif status == 'finished' and not args.no_eval:
-                        # this run, and any earlier one whose black-box source has just become available
-                        evaluate_finished(runs, preset, data, prepared, log)
+                    elif status == 'finished' and not args.no_eval:  # attacked while the others train
+                        evaluations.submit(futures[fut], data_source(futures[fut], data, prepared))
+                if not args.no_eval:
+                    evaluations.wait()
+                    evaluations.close()
+                    evaluate_black_box_all(runs, preset, data, prepared, log)
             except ValueError as e:
                 stopping.append(True)
+                evaluations.close(terminate=True)
                 print(f'reproduce: error: {e}', file=sys.stderr)
                 return 2
             except KeyboardInterrupt:
                 # the children got SIGINT (they checkpoint); launch nothing more, then write what exists
                 stopping.append(True)
+                evaluations.close(terminate=True)
                 log('[reproduce] interrupted: waiting for the runs in progress to checkpoint')
                 failures += 1
+            except BaseException:
+                stopping.append(True)
+                evaluations.close(terminate=True)
+                raise
     path = write_results(preset, runs, results, invocation, data, args.sweep)
     log(f'[reproduce] {path} written ({time.time() - t_start:.0f}s)')
     return 1 if failures and deadline is None else 0
 
 
-def evaluate_finished(runs: Sequence[Run], preset: Dict[str, Any], data: Dict[str, str],
-                      prepared: Dict[str, Tuple[str, str, List[str]]], log: Any = print) -> None:
-    """Attack every finished run that lacks results (cached, so a no-op for the others): white-box per run, then
-    black-box per ERM source, crafted once for all the finished runs it attacks."""
+def data_source(run: Run, data: Dict[str, str], prepared: Dict[str, Tuple[str, str, List[str]]]) -> str:
+    """Where `run`'s test images come from: the user's data source, or the prepared shards of the bundled subset."""
+    return data[run.dataset] if data[run.dataset] != 'bundled' else prepared[run.dataset][0]
+
+
+def _init_eval_process(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+def _evaluate_in_process(run: Run, source: str, ev: Dict[str, Any]) -> None:
+    evaluate(run, source, ev, log=lambda s: print(s, flush=True))
+
+
+class WhiteBoxEvaluations:
+    """The white-box evaluations of finished runs, each in a process of its own, up to `jobs` at once.
+
+    The runs that finish last (together, with --jobs 2) are attacked side by side instead of one after the other
+    while a core idles. Processes, not threads: the attacks and AutoAttack draw from torch's global RNG, which
+    threads would share. Each result lands in its run's eval.json, so a run already evaluated is not submitted, and
+    an evaluation cut short by `terminate` leaves no result: the next call redoes it.
+
+    Args:
+        ev: the preset's evaluation settings.
+        jobs: evaluations at once.
+        threads: intra-op threads of each evaluation process (None: torch's default).
+    """
+
+    def __init__(self, ev: Dict[str, Any], jobs: int, threads: Optional[int]):
+        self.ev, self.jobs, self.threads = ev, jobs, threads
+        self._pool = None  # started by the first submission
+        self._pending: List[Any] = []
+
+    def submit(self, run: Run, source: str) -> None:
+        if 'errors' in _load_eval(run, self.ev):
+            return
+        if self._pool is None:
+            import multiprocessing
+            self._pool = multiprocessing.get_context('spawn').Pool(self.jobs, _init_eval_process, (self.threads,))
+        self._pending.append(self._pool.apply_async(_evaluate_in_process, (run, source, self.ev)))
+
+    def wait(self) -> None:
+        """Block until every submitted evaluation is done; a failed one re-raises its error here."""
+        for result in self._pending:
+            result.get()
+        self._pending.clear()
+
+    def close(self, terminate: bool = False) -> None:
+        """Let the processes exit (after `wait`), or with `terminate` stop the evaluations in progress."""
+        if self._pool is not None:
+            self._pool.terminate() if terminate else self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+
+def evaluate_black_box_all(runs: Sequence[Run], preset: Dict[str, Any], data: Dict[str, str],
+                           prepared: Dict[str, Tuple[str, str, List[str]]], log: Any = print) -> None:
+    """Black-box errors of every finished run that lacks them (cached), crafted once per ERM source for all the
+    finished runs it attacks. Runs after the white-box evaluations: both write the run's eval.json."""
     ev = preset['eval']
-    finished = [run for run in runs if run_status(run, preset) == 'finished']
     by_source: Dict[Tuple[str, str], Tuple[Run, List[Run]]] = {}
-    for run in finished:
-        data_source = data[run.dataset] if data[run.dataset] != 'bundled' else prepared[run.dataset][0]
-        evaluate(run, data_source, ev, log=log)
+    for run in runs:
+        if run_status(run, preset) != 'finished':
+            continue
         source = transfer_source(run, preset['seeds'])
         if run_status(source, preset) == 'finished':
-            by_source.setdefault((str(source.dir), data_source), (source, []))[1].append(run)
-    for (_, data_source), (source, targets) in by_source.items():
-        evaluate_black_box(source, targets, data_source, ev, log=log)
+            src = data_source(run, data, prepared)
+            by_source.setdefault((str(source.dir), src), (source, []))[1].append(run)
+    for (_, src), (source, targets) in by_source.items():
+        evaluate_black_box(source, targets, src, ev, log=log)
 
 
 if __name__ == '__main__':

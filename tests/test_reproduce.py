@@ -255,6 +255,19 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert R.main(argv) == 0  # resumable: finished runs are neither retrained nor re-attacked
     assert [m.read_text() for m in metas] == before
 
+    # white-box evaluations run in processes of their own, side by side (not one after the other)
+    pair = [run for run in R.plan_runs(preset, runs_dir.resolve()) if run.method in ('erm', 'alps')]
+    for run in pair:
+        (run.dir / 'eval.json').unlink()
+    evaluations = R.WhiteBoxEvaluations(preset['eval'], jobs=2, threads=1)
+    for run in pair:
+        evaluations.submit(run, str(BUNDLED_DATA_DIR))
+    evaluations.wait()
+    evaluations.close()
+    spans = [(e['started'], e['started'] + e['seconds'])
+             for e in (json.loads((run.dir / 'eval.json').read_text()) for run in pair)]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+
 
 def test_paper_numbers_agree_with_the_robustness_benchmark():
     robustness = pytest.importorskip('benchmarks.robustness')
