@@ -1286,20 +1286,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     evaluations.close()
                     evaluate_black_box_all(runs, preset, data, prepared, log)
             except ValueError as e:
-                stopping.append(True)
-                evaluations.close(terminate=True)
                 print(f'reproduce: error: {e}', file=sys.stderr)
                 return 2
             except KeyboardInterrupt:
                 # the children got SIGINT (they checkpoint); launch nothing more, then write what exists
-                stopping.append(True)
-                evaluations.close(terminate=True)
                 log('[reproduce] interrupted: waiting for the runs in progress to checkpoint')
                 failures += 1
-            except BaseException:
+            finally:
+                # launch nothing more and stop the evaluations an error or interrupt cut short (on the normal path
+                # every run is done and the evaluations are closed, so both are no-ops)
                 stopping.append(True)
                 evaluations.close(terminate=True)
-                raise
     path = write_results(preset, runs, results, invocation, data, args.sweep)
     log(f'[reproduce] {path} written ({time.time() - t_start:.0f}s)')
     return 1 if failures and deadline is None else 0
