@@ -203,12 +203,14 @@ structures = st.tuples(st.integers(0, 2 ** 31), st.integers(1, 12), st.integers(
 
 
 def general_label(logits, target, eps):
-    return _sorted_label(logits, target, eps / 2, logits.argmin(1))
+    return _sorted_label(logits, target, eps / 2, logits.argmin(1, keepdim=True))
 
 
 def fast_label(logits, target, eps):
-    """The sort-free path alone: (label, rows it leaves to the sort, k*)."""
-    return _structured_label(logits, target, target.amin(1, keepdim=True), logits.amin(1, keepdim=True), eps / 2)
+    """The sort-free path alone: (label, rows it leaves to the sort as a numpy mask, k* as numpy)."""
+    k_star = logits.argmin(1, keepdim=True)
+    label, solved = _structured_label(logits, target, eps / 2, logits.amin(1, keepdim=True), k_star)
+    return label, (~solved).numpy(), k_star.view(-1).numpy()
 
 
 @settings(max_examples=300, deadline=None)

@@ -20,8 +20,8 @@ def real_arg(name: str, value, low: float, high: float, low_open: bool = False, 
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f'{name} must be a number or a one-element tensor, got a tensor of shape '
-                             f'{tuple(value.shape)}')
+            raise ValueError(f'{name} must be a number or a one-element tensor (a single number), got a tensor '
+                             f'of shape {tuple(value.shape)}')
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f'{name} must be a real number, got {value!r} ({type(value).__name__})')
@@ -37,7 +37,8 @@ def real_arg(name: str, value, low: float, high: float, low_open: bool = False, 
 def eps_arg(name: str, value) -> float:
     """An L1 radius between label distributions, in [0, 2]."""
     if value is None:
-        raise TypeError(f'{name} must be a number in [0, 2], got None (use 0 to turn the adversarial label off)')
+        raise TypeError(f'{name} must be a number in [0, 2], got None ({name} must be a real number; 0 turns the '
+                        f'adversarial label off)')
     try:
         return real_arg(name, value, 0.0, 2.0)
     except ValueError as e:
@@ -53,7 +54,10 @@ def int_arg(name: str, value, low: int, high: Optional[int] = None) -> int:
     except TypeError:
         raise TypeError(f'{name} must be an integer, got {value!r} ({type(value).__name__})') from None
     if value < low or (high is not None and value >= high):
-        bound = f'>= {low}' if high is None else f'in [{low}, {high})'
+        if high is None:
+            bound = f'>= {low}'
+        else:  # 2**64 reads better than its digits
+            bound = f'in [{low}, 2**{high.bit_length() - 1})' if high & (high - 1) == 0 else f'in [{low}, {high})'
         raise ValueError(f'{name}={value} must be {bound}')
     return value
 
@@ -71,8 +75,8 @@ def choice_arg(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
-def weight_arg(name: str, value, low: float = 0.0) -> Optional[torch.Tensor]:
-    """None, or a finite float32 tensor (a number or a 1-D per-class vector) with every entry >= `low`.
+def weight_arg(name: str, value, low: Optional[float] = None) -> Optional[torch.Tensor]:
+    """None, or a finite float32 tensor (a number or a 1-D per-class vector), every entry >= `low` if given.
 
     Numbers, sequences and numpy arrays are converted as timm does. The length against the number of classes is
     checked at the first call, where the classes are known (`check_weight_length`).
@@ -94,7 +98,7 @@ def weight_arg(name: str, value, low: float = 0.0) -> Optional[torch.Tensor]:
     host = tensor.cpu()
     if not bool(torch.isfinite(host).all()):
         raise ValueError(f'{name} must be finite, got {host.tolist()}')
-    if bool((host < low).any()):
+    if low is not None and bool((host < low).any()):
         raise ValueError(f'{name} must be >= {low:g} everywhere, got {host.tolist()}')
     return tensor
 

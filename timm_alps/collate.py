@@ -136,8 +136,8 @@ class FastCollateALPSMixup(_ALPSMixingBase, FastCollateMixup):
         if not isinstance(batch[0], (tuple, list)) or len(batch[0]) != 2:
             raise TypeError('batch must be a list of (image, target) pairs')
         images = self._as_arrays([b[0] for b in batch])
-        target = as_class_target(default_collate([b[1] for b in batch]))
-        validate_target(target, self.num_classes, len(images))
+        target = validate_target(as_class_target(default_collate([b[1] for b in batch])), self.num_classes,
+                                 len(images))
         if self.mixup_enabled:
             lam, partner = self.sample(len(images))
             return self.mix(images, lam, partner), self.base_target(target)

@@ -2,44 +2,33 @@
 
 `ALPSSoftTargetCrossEntropy` and `ALPSBinaryCrossEntropy` are timm's `SoftTargetCrossEntropy` and
 `BinaryCrossEntropy` with an `eps`; `ALPSLoss` wraps any other soft-target loss. The least likely class comes from
-the detached logits of the training forward (the "fused" path: no extra forward pass).
+the detached logits of the training forward (the "fused" path: no extra forward pass), and the label from
+`timm_alps.labels` (one exact rule, torch ops on every device).
 
-Exactly once: `ALPSMixup(model=...)` returns targets that are already adversarial and marks them
-(`is_adversarial_target`); every ALPS loss with eps > 0 refuses a marked target with a ValueError instead of shifting
-it a second time. `mixup_fn.make_loss()` always returns the matching criterion.
+The radius is the loss's own validated attribute `eps`; it may change during training (`EpsWarmup`, or
+`loss.eps = ...`). A loss made by `mixup_fn.make_loss()` is also set by the mixer's `alps_eps`.
 
-The radius is a validated attribute that may change during training (`loss.eps = ...`, e.g. a ramp from 0 over the
-first updates). With a mixer, set the mixer's `alps_eps` instead: it reaches the loss `make_loss()` made on the
-fused path, and on the model path the mixer applies it while the loss keeps eps 0.
+Exactly once: `ALPSMixup(model=...)` applies the label itself and returns targets marked as already adversarial
+(`is_adversarial_target`). The mark is best effort (it lives on the tensor object the mixer returns; a copy does not
+carry it) and only makes a misuse louder: an ALPS loss with eps > 0 refuses a marked target instead of shifting it
+a second time. `mixup_fn.make_loss()` always returns the matching criterion, which is what decides the result.
 
 All ALPS losses compute in (at least) float32: half-precision logits are upcast and autocast is off inside the loss,
 so the loss is returned in float32 as timm's losses are under CUDA autocast.
-
-Cost. On CPU, `ALPSSoftTargetCrossEntropy` labels rows u + (v - u) e_y (one-hot or smoothed one-hot: every target
-`ALPSMixup` and `FastCollateALPSMixup` return on the fused path) without sorting: a scatter, plus with smoothing
-one "ranked before the true class" mask (`labels._one_class_label` owns the rule). The mixers note each row's class
-on the targets they return (`mark_one_class`), so the loss does not re-derive it; without a note (a copy, a target
-moved between devices, a user's own one-hot rows) the loss validates the rows and finds each row's class itself.
-Every other row (mixtures, arbitrary distributions, eps/2 beyond the classes ranked before the true one) is
-labelled by `adversarial_label`. The loss is then one dot product with log_softmax, whose backward is timm's. On
-accelerators the whole label comes from `adversarial_label`.
 """
 import contextlib
-import math
-import numbers
 from typing import Callable, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .labels import _check_target, _one_class_label, adversarial_label, validate_target
+from ._validate import bool_arg, check_weight_length, choice_arg, eps_arg, real_arg, weight_arg
+from .labels import label_from_checked, validate_target
 
 __all__ = ['ALPSSoftTargetCrossEntropy', 'ALPSBinaryCrossEntropy', 'ALPSLoss', 'is_adversarial_target']
 
-_MARK = '_alps_adversarial'  # attribute ALPSMixup(model=...) sets on the targets it already made adversarial
-_ONE_CLASS = '_alps_one_class'  # attribute the mixers set on their fused-path targets (see `mark_one_class`)
+_MARK = '_alps_adversarial'  # best-effort guard set by ALPSMixup(model=...) on the targets it made adversarial
 
 
 def mark_adversarial(target: torch.Tensor) -> torch.Tensor:
@@ -51,43 +40,10 @@ def mark_adversarial(target: torch.Tensor) -> torch.Tensor:
 def is_adversarial_target(target: torch.Tensor) -> bool:
     """True for targets `ALPSMixup(model=...)` already moved to the adversarial label.
 
-    The mark lives on the tensor object the mixer returns: pass it on as is (timm's train.py does). A copy
+    Best effort: the mark lives on the tensor object the mixer returns (timm's train.py passes it on as is). A copy
     (`.clone()`, `.to()` onto another device or dtype, indexing) does not carry it.
     """
     return bool(getattr(target, _MARK, False))
-
-
-def real_arg(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
-    """`value` as a finite float in the given range, or a ValueError/TypeError naming the argument.
-
-    A Python or numpy real number or a one-element tensor is accepted; bools, strings, None and larger tensors are not.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f'{name} must be a number or a one-element tensor, got a tensor of shape '
-                             f'{tuple(value.shape)}')
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f'{name} must be a real number, got {value!r} ({type(value).__name__})')
-    value = float(value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    if not math.isfinite(value):
-        raise ValueError(f'{name}={value} must be a finite number in {interval}')
-    if below or above:
-        raise ValueError(f'{name}={value} is outside {interval}')
-    return value
-
-
-def eps_arg(name: str, eps) -> float:
-    """Validate an L1 radius of the label ball."""
-    if eps is None:
-        raise TypeError(f'{name} must be a number in [0, 2], got None (use 0 to turn the adversarial label off)')
-    try:
-        return real_arg(name, eps, 0.0, 2.0)
-    except ValueError as e:
-        raise ValueError(f'{e}: it is an L1 radius between label distributions') from None
 
 
 class _ALPSRadius(nn.Module):
@@ -97,10 +53,8 @@ class _ALPSRadius(nn.Module):
     def eps(self) -> float:
         """L1 radius of the label ball in [0, 2].
 
-        It may be changed between steps, e.g. to ramp the radius in over the first updates (the remedy for the
-        ALPS start stall, see the README): ``train_loss_fn.eps = 0.3 * min(1, step / warmup_updates)``. The value
-        is validated as at construction (a ValueError/TypeError names it). A loss made by ``mixup_fn.make_loss()``
-        follows the mixer's ``alps_eps`` on the fused path: set that instead.
+        It may be changed between steps, e.g. ramped in over the first updates by `EpsWarmup` (the remedy for the
+        ALPS start stall). The value is validated as at construction; a failed set leaves the loss as it was.
         """
         return self._eps
 
@@ -145,7 +99,7 @@ def _no_autocast(x: torch.Tensor):
 def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The (B, K) training label of an ALPS loss: adversarial for eps > 0, the dense target for eps = 0.
 
-    Validates the target the same way for every eps and refuses a target that is already adversarial.
+    Validates the target the same way for every eps and refuses a target marked as already adversarial.
 
     Args:
         x: (B, K) float32 logits.
@@ -153,67 +107,17 @@ def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optiona
         eps: L1 radius.
         order: per-class scores whose order ranks the classes for the adversary (default: the logits).
     """
-    target = as_class_target(target)
+    if eps > 0 and is_adversarial_target(target):
+        raise ValueError(
+            f'the target is already adversarial (it comes from ALPSMixup(model=...), which applied the ALPS label), '
+            f'and this loss would shift it again with eps={eps}: build the loss with mixup_fn.make_loss() once the '
+            f'model handle is set (it returns eps=0 on that path), or pass eps=0, so the label is applied once')
+    target = validate_target(as_class_target(target), x.shape[1], x.shape[0])
     if eps > 0:
-        _refuse_adversarial(target, eps)
-        label = adversarial_label(x if order is None else order, target, eps)
-        return label if label.dtype == x.dtype else label.to(x.dtype)
-    validate_target(target, x.shape[1], x.shape[0])
+        return label_from_checked(x if order is None else order, target, eps).to(x.dtype)
     if target.ndim == 1:
-        return torch.zeros_like(x).scatter_(1, target.view(-1, 1), 1.0)
-    return target.to(x.dtype)
-
-
-def _refuse_adversarial(target: torch.Tensor, eps: float) -> None:
-    if is_adversarial_target(target):
-            raise ValueError(
-                f'the target is already adversarial (it comes from ALPSMixup(model=...), which applied the ALPS '
-                f'label), and this loss would shift it again with eps={eps}: build the loss with '
-                f'mixup_fn.make_loss() once the model handle is set (it returns eps=0 on that path), or pass eps=0, '
-                f'so the label is applied once')
-
-
-def mark_one_class(target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Note on the (B, K) `target` (done by the mixers) that row b is u + (v - u) e_index[b]: one class each.
-
-    u and v are read from the target itself (row 0), so the note holds exactly the stored values.
-
-    The fused loss then skips re-deriving each row's class from the dense target (validation, detection, argmax).
-    The note holds the tensor's version counter, so an in-place change of the target voids it; copies do not carry
-    it (they take the general path, with the same result).
-    """
-    if target.shape[0] and target.device.type == 'cpu':  # (only the CPU loss reads the note)
-        index = index.numpy().copy()  # a copy: the caller may reuse its index tensor
-        first = int(index[0])
-        on, off = target[0, first].item(), target[0, (first + 1) % target.shape[1]].item()
-        setattr(target, _ONE_CLASS, (target._version, index, off, on))
-    return target
-
-
-def _noted_one_class(target: torch.Tensor, shape: torch.Size):
-    """(index (B,) numpy, off, on) from `mark_one_class`, or None if there is no valid note for this target."""
-    note = getattr(target, _ONE_CLASS, None)
-    if note is None or note[0] != target._version or target.shape != shape:
-        return None
-    return note[1:]
-
-
-def _one_class_label_and_logp(x: torch.Tensor, y: np.ndarray, u, v, form: Optional[np.ndarray], budget: float):
-    """log_softmax(x) and the ALPS label of rows u + (v - u) e_y (CPU, float32/64 logits), for the fused loss.
-
-    The label comes from `labels._one_class_label` (no sort; it owns the rule). Rows it does not solve, and rows
-    outside `form` (a (B,) bool mask of the rows of this form; None: all), are returned unsolved: the caller fills
-    their label rows from the general path. Returns (label, logp, solved); the loss is -<label, logp> / B.
-    """
-    logp = F.log_softmax(x, dim=1)  # with autograd: its backward is timm's
-    label, k_star, solved = _one_class_label(x.detach(), y, u, v, budget)
-    # A NaN or -inf logit is the row minimum; a +inf one makes the whole log_softmax row NaN.
-    if not np.isfinite(logp.detach().numpy()[np.arange(x.shape[0]), k_star]).all():
-        raise ValueError('logits contain NaN or inf: the least likely class is undefined '
-                         '(check the model/loss scale)')
-    if form is not None:
-        solved &= form
-    return label, logp, solved
+        return torch.zeros_like(x).scatter_(1, target.view(-1, 1).to(x.device), 1.0)
+    return target.to(x.device, x.dtype)
 
 
 class ALPSSoftTargetCrossEntropy(_ALPSRadius):
@@ -242,45 +146,8 @@ class ALPSSoftTargetCrossEntropy(_ALPSRadius):
         _check_logits(x)
         with _no_autocast(x):
             x = _fp32(x)
-            target = as_class_target(target)
-            batch, k = x.shape
-            if (self.eps > 0 and x.device.type == 'cpu' and isinstance(target, torch.Tensor) and target.ndim == 2
-                    and target.is_floating_point() and batch):
-                # Rows u + (v - u) e_y (every ALPSMixup target on the fused path) without the dense label; any other
-                # row takes the dense path below. Same validation and errors as adversarial_label.
-                _refuse_adversarial(target, self.eps)
-                label, logp, solved = _one_class_label_and_logp(x, *self._one_class_form(x, target), self.eps / 2)
-                if not solved.all():  # the other rows from the general path
-                    index = torch.from_numpy((~solved).nonzero()[0])
-                    label[index] = soft_label(x[index].detach(), target[index], self.eps)
-                # one dot product over the batch: the same value and gradient as timm's sum(-label * logp).mean()
-                return -torch.dot(label.view(-1), logp.view(-1)) / batch
-            return self._dense_rows(x, target).mean()
-
-    @staticmethod
-    def _one_class_form(x: torch.Tensor, target: torch.Tensor):
-        """(y, u, v, form) per row, numpy (B,): each row read as u + (v - u) e_y, `form` marking the rows that are.
-
-        From the mixer's note when there is one (nothing to check: the mixer built the rows, all of this form,
-        form None); otherwise the target is validated and each row's class found (rows of another form take the
-        dense path).
-        """
-        batch, k = x.shape
-        dtype = x.detach().numpy().dtype
-        note = _noted_one_class(target, x.shape)
-        if note is not None:
-            index, off, on = note
-            return index, dtype.type(off), dtype.type(on), None
-        target, row_min = _check_target(target, k, batch)
-        soft, row_min = target.detach().to(x.device, x.dtype), row_min.to(x.device, x.dtype)
-        soft_np, u = soft.numpy(), row_min.numpy()[:, 0]
-        one_class = torch.gt(soft, row_min, out=torch.empty_like(soft)).sum(dim=1).numpy() == 1
-        y = soft_np.argmax(axis=1)
-        return y, u, soft_np[np.arange(batch), y], one_class
-
-    def _dense_rows(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        rho = soft_label(x, target, self.eps)
-        return torch.sum(-rho * F.log_softmax(x, dim=-1), dim=-1)
+            rho = soft_label(x.detach(), target, self.eps)
+            return torch.sum(-rho * F.log_softmax(x, dim=-1), dim=-1).mean()
 
     def extra_repr(self) -> str:
         return f'eps={self.eps}'
@@ -325,26 +192,19 @@ class ALPSBinaryCrossEntropy(_ALPSRadius):
             smooth_dense: bool = False,
     ):
         super().__init__()
-        self.smooth_dense = bool(smooth_dense)
+        self.smooth_dense = bool_arg('smooth_dense', smooth_dense)
         self.eps = eps  # validated by the property, after smooth_dense (which rules out eps > 0)
         self.smoothing = real_arg('smoothing', smoothing, 0.0, 1.0, high_open=True)
         self.target_threshold = None if target_threshold is None else real_arg(
             'target_threshold', target_threshold, 0.0, 1.0, high_open=True)
-        if reduction not in ('mean', 'sum', 'none'):
-            raise ValueError(f"reduction={reduction!r} is unknown; use 'mean', 'sum' or 'none'")
+        self.reduction = choice_arg('reduction', reduction, ('mean', 'sum', 'none'))
+        self.sum_classes = bool_arg('sum_classes', sum_classes)
         # numbers, sequences and numpy arrays become float tensors, as timm does for pos_weight
-        if pos_weight is not None and not isinstance(pos_weight, torch.Tensor):
-            pos_weight = torch.as_tensor(pos_weight, dtype=torch.float32)
-        if weight is not None and not isinstance(weight, torch.Tensor):
-            weight = torch.as_tensor(weight, dtype=torch.float32)
-        self.reduction = reduction
-        self.sum_classes = bool(sum_classes)
-        self.register_buffer('weight', weight)
-        self.register_buffer('pos_weight', pos_weight)
-        # Without weights (or with one non-negative pos_weight) c_k is decreasing in z_k, so the logits rank the
+        self.register_buffer('weight', weight_arg('weight', weight))
+        self.register_buffer('pos_weight', weight_arg('pos_weight', pos_weight, low=0.0))
+        # Without a weight (or with one pos_weight, which is >= 0) c_k is decreasing in z_k, so the logits rank the
         # classes exactly and no coefficient needs computing. Decided here, from the values the user passed.
-        self._rank_by_logits = weight is None and (
-            pos_weight is None or (pos_weight.numel() == 1 and float(pos_weight) >= 0))
+        self._rank_by_logits = self.weight is None and (self.pos_weight is None or self.pos_weight.numel() == 1)
 
     def _check_eps(self, eps: float) -> float:
         if eps > 0 and self.smooth_dense:
@@ -358,19 +218,20 @@ class ALPSBinaryCrossEntropy(_ALPSRadius):
         target = as_class_target(target)
         batch_size, num_classes = x.shape
         if target.ndim == 1:
-            validate_target(target, num_classes, batch_size)
+            target = validate_target(target, num_classes, batch_size)
             off = self.smoothing / num_classes
-            target = torch.full_like(x, off).scatter_(1, target.view(-1, 1), 1.0 - self.smoothing + off)
+            target = torch.full_like(x, off).scatter_(1, target.view(-1, 1).to(x.device), 1.0 - self.smoothing + off)
         else:
-            if not target.is_floating_point():
-                raise TypeError(f'a 2-D (soft) target must be floating point, got dtype {target.dtype}')
-            target = target.to(x.dtype)
+            if not isinstance(target, torch.Tensor) or not target.is_floating_point():
+                raise TypeError(f'a 2-D (soft) target must be floating point, got '
+                                f'{getattr(target, "dtype", type(target).__name__)}')
+            target = target.to(x.device, x.dtype)
             if self.smooth_dense and self.smoothing:
                 target = target * (1.0 - self.smoothing) + 0.5 * self.smoothing
         if self.target_threshold is not None:
             target = target.gt(self.target_threshold).to(x.dtype)
             if self.eps > 0 and target.device.type == 'cpu' and not bool((target.sum(1) == 1).all()):
-                # (on accelerators adversarial_label's own check catches it without a host sync)
+                # (on accelerators the label's own row-sum check catches it without a host sync)
                 raise ValueError(
                     f'target_threshold={self.target_threshold} leaves a row with no class or several classes above '
                     f'the threshold; ALPS needs one class per row (a distribution) to take the ball around: use a '
@@ -385,6 +246,8 @@ class ALPSBinaryCrossEntropy(_ALPSRadius):
             target: class indices (B,) or (B, 1), or label distributions (B, K).
         """
         _check_logits(x)
+        check_weight_length('weight', self.weight, x.shape[1])
+        check_weight_length('pos_weight', self.pos_weight, x.shape[1])
         if self.eps > 0 and is_adversarial_target(target):
             soft_label(x, target, self.eps)  # raises the "already adversarial" error
         with _no_autocast(x):

@@ -9,18 +9,16 @@ Note on defaults: timm's `Mixup` defaults to `label_smoothing=0.1`; `ALPSMixup` 
 recipe). `from_mixup_args` takes the value in timm's `mixup_args` dict (train.py's `--smoothing`, default 0.1).
 """
 import inspect
-import operator
-import weakref
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import get_worker_info
 
-from .labels import adversarial_label, validate_target
-from .loss import (ALPSBinaryCrossEntropy, ALPSLoss, ALPSSoftTargetCrossEntropy, as_class_target, eps_arg,
-                   mark_adversarial, mark_one_class, real_arg)
+from ._validate import choice_arg, eps_arg, int_arg, real_arg
+from .labels import label_from_checked, validate_target
+from .loss import ALPSBinaryCrossEntropy, ALPSLoss, ALPSSoftTargetCrossEntropy, as_class_target, mark_adversarial
 
 __all__ = ['ALPSMixup', 'sample_mixing']
 
@@ -44,20 +42,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
-
-
-def _int_arg(name: str, value, low: int, high: Optional[int] = None) -> int:
-    """`value` as a Python int in [low, high), accepting numpy/torch integers; bools and floats are refused."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
-        raise TypeError(f'{name} must be an integer, got {value!r}')
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f'{name} must be an integer, got {value!r} ({type(value).__name__})') from None
-    if value < low or (high is not None and value >= high):
-        bound = f'>= {low}' if high is None else f'in [{low}, 2**{high.bit_length() - 1})'
-        raise ValueError(f'{name}={value} must be {bound}')
-    return value
 
 
 def _beta(alpha: float, beta: float, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -127,21 +111,21 @@ class _ALPSMixingBase:
         # Every argument is validated here, where the user's value enters; the rest of the code trusts them.
         self.alps_alpha = real_arg('alps_alpha', alps_alpha, 0.0, float('inf'), low_open=True, high_open=True)
         self.alps_beta = real_arg('alps_beta', alps_beta, 0.0, float('inf'), low_open=True, high_open=True)
-        self._fused_losses = weakref.WeakSet()  # losses make_loss() built for the fused path: they follow alps_eps
+        # The losses make_loss() built for the fused path: they apply the label, so they own the radius, and
+        # `alps_eps` sets theirs. Plain references: a deepcopy or pickle of mixer and loss together keeps the link.
+        self._fused_losses: List[nn.Module] = []
         self.alps_eps = alps_eps  # validated by the property
         self.prob = real_arg('prob', prob, 0.0, 1.0)
-        if not isinstance(mode, str) or mode not in _MODES:
-            raise ValueError(f"mode={mode!r} is unknown; use one of {', '.join(map(repr, _MODES))}")
-        self.mode = mode
+        self.mode = choice_arg('mode', mode, _MODES)
         self.label_smoothing = real_arg('label_smoothing', label_smoothing, 0.0, 1.0, high_open=True)
-        self.num_classes = _int_arg('num_classes', num_classes, 2)
-        self.seed = None if seed is None else _int_arg('seed', seed, 0, 2 ** 64)
-        self.rank = None if rank is None else _int_arg('rank', rank, 0)
+        self.num_classes = int_arg('num_classes', num_classes, 2)
+        self.seed = None if seed is None else int_arg('seed', seed, 0, 2 ** 64)
+        self.rank = None if rank is None else int_arg('rank', rank, 0)
         self.mixup_enabled = True  # as in timm: set False to stop mixing inputs (the label ball stays)
         self.epoch = 0
         self._generator: Optional[torch.Generator] = None
         self._stream_key: Optional[tuple] = None
-        self._pending_state: Optional[torch.Tensor] = None
+        self._pending_state: Optional[Tuple[torch.Tensor, str]] = None  # (generator state, device type)
 
     @classmethod
     def from_mixup_args(cls, mixup_args: Mapping[str, Any], **alps_kwargs):
@@ -185,16 +169,20 @@ class _ALPSMixingBase:
         It may change during training, e.g. ramped in from 0 over the first updates (the remedy for the ALPS start
         stall, see the README): ``mixup_fn.alps_eps = 0.3 * min(1, step / warmup_updates)`` before each update.
         Setting it reaches whichever part applies the label, so the label stays applied exactly once: on the fused
-        path the losses this mixer made with `make_loss()` take the new eps; on the model path this mixer applies
-        it itself and its loss keeps eps 0.
+        path the losses this mixer made with `make_loss()` take the new eps (copies of mixer and loss made together,
+        by `copy.deepcopy` or pickle, stay linked); on the model path this mixer applies it itself and its loss
+        keeps eps 0. A value that any of them refuses changes none of them.
         """
         return self._alps_eps
 
     @alps_eps.setter
     def alps_eps(self, value) -> None:
-        self._alps_eps = eps_arg('alps_eps', value)
+        eps = eps_arg('alps_eps', value)
         for loss in self._fused_losses:
-            loss.eps = self._alps_eps
+            loss._check_eps(eps)  # every constraint first, so a refused value changes nothing
+        self._alps_eps = eps
+        for loss in self._fused_losses:
+            loss.eps = eps
 
     # -- the label path -----------------------------------------------------------------------------------------
     @property
@@ -232,7 +220,7 @@ class _ALPSMixingBase:
         else:
             criterion = ALPSLoss(loss, eps=eps)
         if fused:
-            self._fused_losses.add(criterion)
+            self._fused_losses.append(criterion)
         return criterion
 
     # -- random streams -----------------------------------------------------------------------------------------
@@ -243,7 +231,7 @@ class _ALPSMixingBase:
         then continues; the epoch enters the derivation. Call it before iterating the loader each epoch (as
         ``DistributedSampler.set_epoch``): a resumed run then does not replay the draws of epoch 0.
         """
-        self.epoch = _int_arg('epoch', epoch, 0)
+        self.epoch = int_arg('epoch', epoch, 0)
 
     def _resolved_rank(self) -> int:
         if self.rank is not None:
@@ -256,12 +244,7 @@ class _ALPSMixingBase:
         # Pickled into spawned DataLoader workers: fix the DDP rank now (the worker has no process group).
         state = self.__dict__.copy()
         state['rank'] = self._resolved_rank()
-        state.pop('_fused_losses', None)  # a copy (worker, deepcopy) does not steer this process's losses
         return state
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._fused_losses = weakref.WeakSet()
 
     def _rng(self, device: torch.device) -> torch.Generator:
         """The private generator of this process (and DataLoader worker), created on first use.
@@ -277,7 +260,11 @@ class _ALPSMixingBase:
             generator = torch.Generator(device=device)
             if self._pending_state is not None and info is None:
                 # a loaded state resumes the main process's stream; workers always derive their own
-                generator.set_state(self._pending_state)
+                state, saved_on = self._pending_state
+                if saved_on != device.type:
+                    raise ValueError(f'the loaded mixer state is a {saved_on} generator state but the batch is on '
+                                     f'{device}: resume on the device the run was saved on')
+                generator.set_state(state)
                 self._pending_state = None
             else:
                 base = self.seed if self.seed is not None else int(torch.randint(2 ** 62, (1,)).item())
@@ -289,13 +276,41 @@ class _ALPSMixingBase:
         return self._generator
 
     def state_dict(self) -> Dict[str, Any]:
-        """Generator state of this process, so a resumed run draws exactly the same lam and partners."""
-        state = self._generator.get_state() if self._generator is not None else self._pending_state
-        return {'generator': state, 'device': str(self._generator.device) if self._generator is not None else None}
+        """Generator state of this process, so a resumed run draws exactly the same lam and partners.
+
+        ``{'generator': ByteTensor or None, 'device': 'cpu' / 'cuda' / ... or None}``; None before the first draw.
+        """
+        if self._generator is not None:
+            return {'generator': self._generator.get_state(), 'device': self._generator.device.type}
+        if self._pending_state is not None:
+            return {'generator': self._pending_state[0], 'device': self._pending_state[1]}
+        return {'generator': None, 'device': None}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        self._generator = None
-        self._pending_state = state_dict.get('generator')
+        """Continue the stream saved by `state_dict()`; anything it cannot restore exactly is refused."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f'state_dict must be the dict from {type(self).__name__}.state_dict(), got '
+                            f'{type(state_dict).__name__}')
+        if set(state_dict) != {'generator', 'device'}:
+            raise ValueError(f"state_dict has keys {sorted(state_dict)}; a mixer state has ['device', 'generator']")
+        state, device = state_dict['generator'], state_dict['device']
+        if state is None:
+            if device is not None:
+                raise ValueError(f"state_dict['device']={device!r} without a generator state")
+            pending = None
+        else:
+            if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.ndim == 1):
+                raise TypeError(f"state_dict['generator'] must be the uint8 tensor of Generator.get_state(), got "
+                                f"{getattr(state, 'dtype', type(state).__name__)}")
+            if not isinstance(device, str):
+                raise TypeError(f"state_dict['device'] must be a device type such as 'cpu', got {device!r}")
+            if device == 'cpu':
+                try:  # a state of the wrong size or content is refused now, not at the first draw
+                    torch.Generator().set_state(state)
+                except RuntimeError as e:
+                    raise ValueError(f"state_dict['generator'] is not a CPU generator state: {e}") from None
+            pending = (state.clone(), torch.device(device).type)
+        self._generator, self._stream_key, self._pending_state = None, None, pending
 
     def sample(self, batch_size: int, device: Union[str, torch.device] = 'cpu') -> Tuple[torch.Tensor, torch.Tensor]:
         """Draw (lam, partner) for a batch: lam (B,) in [0, 1] (1 where not mixed), partner (B,) indices."""
@@ -310,8 +325,7 @@ class _ALPSMixingBase:
         if target.ndim == 1:
             off = self.label_smoothing / self.num_classes
             soft = torch.full((target.shape[0], self.num_classes), off, device=device)
-            soft.scatter_(1, target.view(-1, 1), 1.0 - self.label_smoothing + off)
-            return mark_one_class(soft, target)  # lets the fused loss skip finding each row's class
+            return soft.scatter_(1, target.view(-1, 1), 1.0 - self.label_smoothing + off)
         soft = target.float()
         return soft * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
 
@@ -421,8 +435,7 @@ class ALPSMixup(_ALPSMixingBase):
                             f'e.g. x.float().div(255) and normalise (or use FastCollateALPSMixup on uint8 batches)')
         if x.ndim < 2 or x.shape[0] == 0:
             raise ValueError(f'x must be a non-empty batch with the batch dimension first, got shape {tuple(x.shape)}')
-        target = as_class_target(target)
-        validate_target(target, self.num_classes, x.shape[0])
+        target = validate_target(as_class_target(target), self.num_classes, x.shape[0])
 
         if self.mixup_enabled:
             lam, partner = self.sample(x.shape[0], x.device)
@@ -431,7 +444,7 @@ class ALPSMixup(_ALPSMixingBase):
         soft = self.base_target(target, x.device)
         if self.model is not None:
             if self.alps_eps > 0:
-                soft = adversarial_label(self._label_logits(x).float(), soft, self.alps_eps)
+                soft = label_from_checked(self._label_logits(x).float(), soft, self.alps_eps)
             mark_adversarial(soft)
         return x, soft
 
