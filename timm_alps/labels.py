@@ -174,11 +174,15 @@ def _structured_label(z: torch.Tensor, soft: torch.Tensor, budget: float, z_min:
     return label, solved.view(-1)
 
 
-def _soft_label(z: torch.Tensor, soft: torch.Tensor, budget: float, z_min: torch.Tensor,
-                k_star: torch.Tensor) -> torch.Tensor:
-    """The adversarial label of (B, K) rows: the sort-free path, the sort for the rows it leaves."""
+def _soft_label(z: torch.Tensor, soft: torch.Tensor, budget: float, z_min: torch.Tensor, k_star: torch.Tensor,
+                pick_rows: bool) -> torch.Tensor:
+    """The adversarial label of (B, K) rows: the sort-free path, the sort for the rows it leaves.
+
+    `pick_rows` (where reading a mask is free, on CPU) sorts only those rows; otherwise every row is sorted and
+    `torch.where` picks, which costs no host sync.
+    """
     label, solved = _structured_label(z, soft, budget, z_min, k_star)
-    if z.device.type == 'cpu':
+    if pick_rows:
         if not bool(solved.all()):
             rows = (~solved).nonzero().view(-1)
             label[rows] = _sorted_label(z[rows], soft[rows], budget, k_star[rows])
@@ -209,7 +213,10 @@ def label_from_checked(scores: torch.Tensor, target: torch.Tensor, eps: float) -
             label.scatter_add_(1, index, -moved).scatter_add_(1, k_star, moved)
     else:
         soft = target.detach().to(device=z.device, dtype=z.dtype)
-        label = _soft_label(z, soft, budget, z_min, k_star) if budget > 0 and z.shape[0] else soft.clone()
+        if budget > 0 and z.shape[0]:
+            label = _soft_label(z, soft, budget, z_min, k_star, pick_rows=z.device.type == 'cpu')
+        else:
+            label = soft.clone()
     # On an accelerator rows with non-finite logits become NaN (the loss is NaN and the training loop stops) instead
     # of costing a host sync per step.
     return label if z.device.type == 'cpu' else torch.where(finite, label, torch.full_like(label, float('nan')))
