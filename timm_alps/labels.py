@@ -103,16 +103,36 @@ def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional
     return target
 
 
-def _not_before(z: torch.Tensor, special: torch.Tensor, z_s: torch.Tensor, donor: torch.Tensor) -> torch.Tensor:
-    """(B, K) bool: True where class c does NOT come before `special` (B, 1) in the greedy order.
+# Class indices are handled as floats of the label's dtype in the O(B*K) passes (so every pass is a vectorised
+# float op writing into a buffer that is already there; a fresh (B, K) tensor costs more than the pass itself on CPU).
+# Sums of two indices stay exact in float32 below 2**23 classes; beyond that the label is computed in float64.
+_MAX_FLOAT32_CLASSES = 2 ** 23
+
+
+def _first_argmin(z: torch.Tensor, z_min: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Lowest index of each row's minimum, (B, 1) int64, using `out` as scratch.
+
+    `argmin(dim=1)` is not vectorised on CPU (several times slower than a pass); an equality mask times
+    (index - K), reduced with amin, gives the first minimum in three vectorised passes, ties included.
+    """
+    k = z.shape[1]
+    offsets = torch.arange(-k, 0, device=z.device, dtype=z.dtype)
+    return torch.eq(z, z_min, out=out).mul_(offsets).amin(dim=1, keepdim=True).long().add_(k)
+
+
+def _not_before(z: torch.Tensor, special: torch.Tensor, z_s: torch.Tensor, donor: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
+    """`out` (B, K) = 1.0 where class c does NOT come before `special` (B, 1) in the greedy order, else 0.0.
 
     c comes before s iff z_c > z_s, or z_c == z_s and c < s: one comparison z_c <= thr_c against thr_c = z_s for
-    c >= s and the next float below z_s for c < s. For a special tied with the minimum (not a donor) thr is z_s
-    everywhere: the mask then keeps exactly the classes that give nothing, so every donor counts as before it.
+    c >= s and the next float below z_s for c < s (z_s plus an exact one-ulp step). For a special tied with the
+    minimum (not a donor) thr is z_s everywhere: the mask then keeps exactly the classes that give nothing, so
+    every donor counts as before it.
     """
-    lower = torch.arange(z.shape[1], device=z.device) < special
-    below = torch.nextafter(z_s, torch.full_like(z_s, -float('inf')))
-    return z <= torch.where(lower & donor, below, z_s)
+    step = torch.where(donor, torch.nextafter(z_s, torch.full_like(z_s, -float('inf'))) - z_s, 0.0)
+    classes = torch.arange(z.shape[1], device=z.device, dtype=z.dtype)
+    thr = torch.addcmul(z_s, torch.lt(classes, special.to(z.dtype), out=out), step, out=out)
+    return torch.le(z, thr, out=out)
 
 
 def _sorted_label(z: torch.Tensor, soft: torch.Tensor, budget: float, k_star: torch.Tensor) -> torch.Tensor:
@@ -131,45 +151,48 @@ def _structured_label(z: torch.Tensor, soft: torch.Tensor, budget: float, z_min:
     """The exact label of rows u + a e_i + b e_j without sorting; returns (label, solved (B,) bool).
 
     Rows of another form, and rows whose greedy cut falls strictly inside a run of classes holding u, are not
-    solved: their rows of `label` are not valid and must come from `_sorted_label`. All (B, 2) arithmetic walks the
-    two "special" classes in greedy order: run_0, special_0, run_1, special_1, last run (runs hold u per class).
+    solved: their rows of `label` are not valid and must come from `_sorted_label`. The (B, 2) arithmetic walks
+    the two "special" classes in greedy order: run_0, special_0, run_1, special_1, last run (runs hold u each).
     """
     k = z.shape[1]
-    classes = torch.arange(k, device=z.device)
+    label, buf = torch.empty_like(z), torch.empty_like(z)
+    n_donors = torch.gt(z, z_min, out=buf).sum(dim=1, keepdim=True)
     u = soft.amin(dim=1, keepdim=True)
-    above = soft > u  # the special classes: the own class, a mixing partner
+    # The special classes (the own class, a mixing partner) hold more than u: their count, the highest index, and
+    # the other one as (index sum - highest). Rows with fewer than two are padded with classes holding u (exact: a
+    # class of a run taken as a special splits the run in two): none -> (1, 0), one -> (it + 1, it).
+    above = torch.gt(soft, u, out=buf)
     n_above = above.sum(dim=1, keepdim=True)
-    last = torch.where(above, classes, -1).amax(dim=1, keepdim=True)
-    first = torch.where(above, classes, k).amin(dim=1, keepdim=True)
-    # Rows with fewer than two specials are padded with classes holding u, which is exact (a class of a run taken
-    # as a special splits the run in two): none -> (0, 1), one -> (it, the next class).
-    first = torch.where(n_above == 0, 0, first)
-    last = torch.where(n_above == 0, 1, torch.where(n_above == 1, (first + 1) % k, last))
-    specials = torch.cat([first, last], dim=1)
+    indices = above.mul_(torch.arange(k, device=z.device, dtype=z.dtype))
+    last = indices.amax(dim=1, keepdim=True)
+    first = torch.where(n_above == 2, indices.sum(dim=1, keepdim=True) - last, torch.remainder(last + 1, k))
+    specials = torch.cat([first, last], dim=1).long()
     z_s = z.gather(1, specials)
     swap = (z_s[:, 1:] > z_s[:, :1]) | ((z_s[:, 1:] == z_s[:, :1]) & (specials[:, 1:] < specials[:, :1]))
-    order = torch.cat([swap, ~swap], dim=1).long()  # greedy order of the two: (0, 1) or (1, 0)
+    order = torch.cat([swap, ~swap], dim=1).long()  # the two in greedy order: (0, 1) or (1, 0)
     specials, z_s = specials.gather(1, order), z_s.gather(1, order)
-    t_s = soft.gather(1, specials)
     donor = z_s > z_min
-    masks = [_not_before(z, specials[:, m:m + 1], z_s[:, m:m + 1], donor[:, m:m + 1]) for m in range(2)]
+    masks = [_not_before(z, specials[:, m:m + 1], z_s[:, m:m + 1], donor[:, m:m + 1], out)
+             for m, out in enumerate((buf, label))]
     before = torch.cat([k - mask.sum(dim=1, keepdim=True) for mask in masks], dim=1)  # classes before each
-    mass = t_s * donor
-    runs = torch.cat([before[:, :1], before[:, 1:] - before[:, :1] - donor[:, :1].long()], dim=1)
+    donor = donor.to(z.dtype)
+    mass = soft.gather(1, specials) * donor
+    runs = torch.cat([before[:, :1], before[:, 1:] - before[:, :1] - donor[:, :1]], dim=1)
     ends = (runs * u + mass).cumsum(dim=1)
     starts = ends - mass
-    n_donors = k - (z == z_min).sum(dim=1, keepdim=True)
-    last_run = (n_donors - before[:, 1:] - donor[:, 1:].long()) * u  # donor mass after the second special
+    last_run = (n_donors - before[:, 1:] - donor[:, 1:]) * u  # donor mass after the second special
     # The cut is at the first special whose end reaches the budget, if every donor before it fits in the budget.
     # Past the second special only an empty last run is solved: every donor is then drained.
     reach = ends >= budget
     cut = (~reach[:, :1]).long()  # 0 if the first special reaches the budget, else 1
     start, mass_cut, cut_class = starts.gather(1, cut), mass.gather(1, cut), specials.gather(1, cut)
-    solved = (start <= budget) & (reach.any(dim=1, keepdim=True) | (last_run <= 0)) & (n_above <= 2)
+    solved = (start <= budget) & (reach[:, 1:] | (last_run <= 0)) & (n_above <= 2)
     take = (budget - start).clamp(min=0).minimum(mass_cut)
     moved = (ends[:, 1:] + last_run).clamp(max=budget)
-    # label = the row without every class before the cut, minus the remainder at the cut; all of it to k*.
-    label = soft * torch.where(cut.bool(), masks[1], masks[0])
+    # label = the row without every class before the cut (the cut's mask), minus the remainder at the cut; all of
+    # it to k*.
+    cut_f = cut.to(z.dtype)
+    label = masks[1].mul_(cut_f).add_(masks[0].mul_(1 - cut_f)).mul_(soft)
     label.scatter_add_(1, cut_class, -take).scatter_add_(1, k_star, moved)
     return label, solved.view(-1)
 
@@ -199,15 +222,19 @@ def label_from_checked(scores: torch.Tensor, target: torch.Tensor, eps: float) -
     z = scores.detach()
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
+    out_dtype = z.dtype
+    if z.dtype == torch.float32 and z.shape[1] >= _MAX_FLOAT32_CLASSES:
+        z = z.double()  # class indices as exact floats (see _first_argmin)
     z_min, z_max = z.amin(dim=1, keepdim=True), z.amax(dim=1, keepdim=True)  # NaN propagates into both
     finite = torch.isfinite(z_min) & torch.isfinite(z_max)
     if z.device.type == 'cpu' and not bool(finite.all()):
         raise ValueError('logits contain NaN or inf: the least likely class is undefined (check the model/loss scale)')
     budget = eps / 2
-    k_star = z.argmin(dim=1, keepdim=True)  # the first minimum
+    label = torch.empty_like(z)
+    k_star = _first_argmin(z, z_min, out=label)
     if target.ndim == 1:  # class indices: Theorem 1
         index = target.to(z.device, torch.long).view(-1, 1)
-        label = torch.zeros_like(z).scatter_(1, index, 1.0)
+        label.zero_().scatter_(1, index, 1.0)
         if budget > 0:
             moved = (k_star != index).to(z.dtype) * budget
             label.scatter_add_(1, index, -moved).scatter_add_(1, k_star, moved)
@@ -219,6 +246,7 @@ def label_from_checked(scores: torch.Tensor, target: torch.Tensor, eps: float) -
             label = soft.clone()
     # On an accelerator rows with non-finite logits become NaN (the loss is NaN and the training loop stops) instead
     # of costing a host sync per step.
+    label = label.to(out_dtype)
     return label if z.device.type == 'cpu' else torch.where(finite, label, torch.full_like(label, float('nan')))
 
 
