@@ -29,7 +29,6 @@ from timm.data import FastCollateMixup
 from torch.utils.data import default_collate
 
 from .labels import validate_target
-from .loss import as_class_target
 from .mixup import _ALPSMixingBase
 
 __all__ = ['FastCollateALPSMixup']
@@ -136,8 +135,7 @@ class FastCollateALPSMixup(_ALPSMixingBase, FastCollateMixup):
         if not isinstance(batch[0], (tuple, list)) or len(batch[0]) != 2:
             raise TypeError('batch must be a list of (image, target) pairs')
         images = self._as_arrays([b[0] for b in batch])
-        target = validate_target(as_class_target(default_collate([b[1] for b in batch])), self.num_classes,
-                                 len(images))
+        target = validate_target(default_collate([b[1] for b in batch]), self.num_classes, len(images))
         if self.mixup_enabled:
             lam, partner = self.sample(len(images))
             return self.mix(images, lam, partner), self.base_target(target)

@@ -62,7 +62,7 @@ def _is_index_dtype(dtype: torch.dtype) -> bool:
 
 
 def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional[int] = None) -> torch.Tensor:
-    """Check a target as timm accepts it and return it as (B,) class indices or (B, K) rows.
+    """Check a target as timm accepts it and return it as (B,) int64 class indices or (B, K) rows.
 
     Class indices may be (B,) or (B, 1) of any integer dtype; soft rows must be non-negative and sum to 1 within
     1e-4 (1e-2 for fp16, 2e-2 for bf16 targets, whose rounding is that coarse). On an accelerator the value checks
@@ -80,7 +80,7 @@ def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional
     if target.ndim == 1 or (target.ndim == 2 and target.shape[1] == 1 and not target.is_floating_point()):
         if not _is_index_dtype(target.dtype):
             raise TypeError(f'a (B,) or (B, 1) target must hold integer class indices, got dtype {target.dtype}')
-        target = target.reshape(-1)
+        target = target.reshape(-1).long()
         if target.numel():
             low, high = torch.aminmax(target)
             _check((low >= 0) & (high < num_classes),
@@ -213,6 +213,12 @@ def _soft_label(z: torch.Tensor, soft: torch.Tensor, budget: float, z_min: torch
     return torch.where(solved.view(-1, 1), label, _sorted_label(z, soft, budget, k_star))
 
 
+def check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim != 2:
+        raise TypeError(f'logits must be a floating-point (B, K) tensor, got '
+                        f'{getattr(logits, "dtype", type(logits).__name__)} of shape {tuple(getattr(logits, "shape", ()))}')
+
+
 def label_from_checked(scores: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
     """`adversarial_label` for arguments already checked: `target` from `validate_target`, `eps` a float.
 
@@ -277,9 +283,7 @@ def adversarial_label(
         label, float64 logits a float64 label. Rows whose logits are not finite raise a ValueError on CPU; on an
         accelerator they become NaN instead of costing a host sync per step.
     """
-    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.ndim != 2:
-        raise TypeError(f'logits must be a floating-point (B, K) tensor, got '
-                        f'{getattr(logits, "dtype", type(logits).__name__)} of shape {tuple(getattr(logits, "shape", ()))}')
+    check_logits(logits)
     eps = eps_arg('eps', eps)
     if num_classes is not None and int_arg('num_classes', num_classes, 2) != logits.shape[1]:
         raise ValueError(f'num_classes={num_classes} but logits have {logits.shape[1]} classes')

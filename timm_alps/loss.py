@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import bool_arg, check_weight_length, choice_arg, eps_arg, real_arg, weight_arg
-from .labels import label_from_checked, validate_target
+from .labels import check_logits, label_from_checked, validate_target
 
 __all__ = ['ALPSSoftTargetCrossEntropy', 'ALPSBinaryCrossEntropy', 'ALPSLoss', 'is_adversarial_target']
 
@@ -67,22 +67,6 @@ class _ALPSRadius(nn.Module):
         return eps
 
 
-def as_class_target(target: torch.Tensor) -> torch.Tensor:
-    """Accept targets as timm does: (B, 1) class indices become (B,), and any integer dtype becomes int64."""
-    if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.dtype != torch.bool:
-        if target.ndim == 2 and target.shape[1] == 1:
-            target = target.view(-1)
-        if target.ndim == 1 and target.dtype != torch.int64:
-            target = target.long()
-    return target
-
-
-def _check_logits(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 2:
-        raise TypeError(f'logits must be a floating-point (B, K) tensor, got '
-                        f'{getattr(x, "dtype", type(x).__name__)} of shape {tuple(getattr(x, "shape", ()))}')
-
-
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     # at least float32: fp16/bf16 logits are upcast, float64 stays
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -112,7 +96,7 @@ def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optiona
             f'the target is already adversarial (it comes from ALPSMixup(model=...), which applied the ALPS label), '
             f'and this loss would shift it again with eps={eps}: build the loss with mixup_fn.make_loss() once the '
             f'model handle is set (it returns eps=0 on that path), or pass eps=0, so the label is applied once')
-    target = validate_target(as_class_target(target), x.shape[1], x.shape[0])
+    target = validate_target(target, x.shape[1], x.shape[0])
     if eps > 0:
         return label_from_checked(x if order is None else order, target, eps).to(x.dtype)
     if target.ndim == 1:
@@ -143,7 +127,7 @@ class ALPSSoftTargetCrossEntropy(_ALPSRadius):
             x: (B, K) logits.
             target: class indices (B,) or (B, 1), or label distributions (B, K).
         """
-        _check_logits(x)
+        check_logits(x)
         with _no_autocast(x):
             x = _fp32(x)
             rho = soft_label(x.detach(), target, self.eps)
@@ -216,16 +200,15 @@ class ALPSBinaryCrossEntropy(_ALPSRadius):
 
     def base_target(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The (B, K) target timm's BinaryCrossEntropy would train on (smoothed, thresholded), before the shift."""
-        target = as_class_target(target)
         batch_size, num_classes = x.shape
+        if not (isinstance(target, torch.Tensor) and target.is_floating_point()):
+            target = validate_target(target, num_classes, batch_size)  # class indices (or an error naming why not)
         if target.ndim == 1:
-            target = validate_target(target, num_classes, batch_size)
             off = self.smoothing / num_classes
             target = torch.full_like(x, off).scatter_(1, target.view(-1, 1).to(x.device), 1.0 - self.smoothing + off)
         else:
-            if not isinstance(target, torch.Tensor) or not target.is_floating_point():
-                raise TypeError(f'a 2-D (soft) target must be floating point, got '
-                                f'{getattr(target, "dtype", type(target).__name__)}')
+            if target.shape != x.shape:  # dense rows, multi-label ones included (no distribution check here)
+                raise ValueError(f'target has shape {tuple(target.shape)} but the logits have {tuple(x.shape)}')
             target = target.to(x.device, x.dtype)
             if self.smooth_dense and self.smoothing:
                 target = target * (1.0 - self.smoothing) + 0.5 * self.smoothing
@@ -246,7 +229,7 @@ class ALPSBinaryCrossEntropy(_ALPSRadius):
             x: (B, K) logits.
             target: class indices (B,) or (B, 1), or label distributions (B, K).
         """
-        _check_logits(x)
+        check_logits(x)
         check_weight_length('weight', self.weight, x.shape[1])
         check_weight_length('pos_weight', self.pos_weight, x.shape[1])
         if self.eps > 0 and is_adversarial_target(target):
@@ -304,7 +287,7 @@ class ALPSLoss(_ALPSRadius):
         self.base_loss = base_loss
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _check_logits(x)
+        check_logits(x)
         with _no_autocast(x):
             x = _fp32(x)
             return self.base_loss(x, soft_label(x, target, self.eps))

@@ -18,7 +18,7 @@ from torch.utils.data import get_worker_info
 
 from ._validate import choice_arg, eps_arg, int_arg, real_arg
 from .labels import label_from_checked, validate_target
-from .loss import ALPSBinaryCrossEntropy, ALPSLoss, ALPSSoftTargetCrossEntropy, as_class_target, mark_adversarial
+from .loss import ALPSBinaryCrossEntropy, ALPSLoss, ALPSSoftTargetCrossEntropy, mark_adversarial
 
 __all__ = ['ALPSMixup', 'sample_mixing']
 
@@ -320,8 +320,13 @@ class _ALPSMixingBase:
 
     # -- labels -------------------------------------------------------------------------------------------------
     def base_target(self, target: torch.Tensor, device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
-        """The sample's own label as a (B, K) float32 distribution, smoothed as in timm's Mixup."""
-        target = as_class_target(target).to(device)
+        """The sample's own label as a (B, K) float32 distribution, smoothed as in timm's Mixup.
+
+        Args:
+            target: what `validate_target` returned: (B,) int64 class indices or (B, K) distributions.
+            device: where to build it.
+        """
+        target = target.to(device)
         if target.ndim == 1:
             off = self.label_smoothing / self.num_classes
             soft = torch.full((target.shape[0], self.num_classes), off, device=device)
@@ -435,7 +440,7 @@ class ALPSMixup(_ALPSMixingBase):
                             f'e.g. x.float().div(255) and normalise (or use FastCollateALPSMixup on uint8 batches)')
         if x.ndim < 2 or x.shape[0] == 0:
             raise ValueError(f'x must be a non-empty batch with the batch dimension first, got shape {tuple(x.shape)}')
-        target = validate_target(as_class_target(target), self.num_classes, x.shape[0])
+        target = validate_target(target, self.num_classes, x.shape[0])
 
         if self.mixup_enabled:
             lam, partner = self.sample(x.shape[0], x.device)
