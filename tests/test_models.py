@@ -12,6 +12,7 @@ PARAMS = {
     'preact_resnet18_w32': 2_796_266,
     'preact_resnet18_w16': 700_794,
     'vgg16_cifar': 14_728_266,
+    'vgg16_cifar_w24': 2_075_746,
 }
 
 
@@ -21,7 +22,7 @@ def n_params(model):
 
 def test_registered():
     assert set(timm.list_models('preact*')) >= {'preact_resnet18', 'preact_resnet18_w16', 'preact_resnet18_w32'}
-    assert 'vgg16_cifar' in timm.list_models('vgg16*')
+    assert {'vgg16_cifar', 'vgg16_cifar_w24'} <= set(timm.list_models('vgg16*'))
     assert timm.models.model_entrypoint('vgg16').__module__ == 'timm.models.vgg'  # timm's own vgg16 is untouched
 
 
