@@ -10,11 +10,8 @@ drifts in machine load hit all variants alike; the table gives the median over r
 interquartile range, and the median (IQR) over rounds of the per-round ratio to timm.
 
 Variants: timm `SoftTargetCrossEntropy`; `timm_alps.ALPSSoftTargetCrossEntropy(eps=0.3)` (the real class, on the
-mixer's targets, which carry its note of each row's class); the same class on a copy of the targets (no note: what
-a DataLoader worker or a device move hands the loss, so it validates the rows and finds their class); the label
-alone (`timm_alps.adversarial_label`, forward only, to show where the time goes); the label followed by timm's
-soft-target formula inline (the dense path: on CPU the class itself skips the label for one-hot and smoothed rows,
-see `timm_alps/loss.py`); with `--before DIR`, the
+mixer's targets); the label alone (`timm_alps.adversarial_label`, forward only, to show where the time goes); the
+label followed by timm's soft-target formula inline; with `--before DIR`, the
 `adversarial_label` of DIR/timm_alps/labels.py (e.g. a checkout of an older commit) followed by the same soft-target
 cross-entropy, the fused loss as it was.
 """
@@ -94,22 +91,14 @@ def main(argv=None):
             target = target.to(device)
             logits = (torch.randn(batch, k, generator=generator) * 3).to(device).requires_grad_()
 
-            # a copy carries no note of each row's class (as after a DataLoader worker or a device move): the
-            # loss validates the rows and finds their class itself
-            copied = target.clone()
-
             def step(criterion, target=target):
                 criterion(logits, target).backward()
                 logits.grad = None
 
-            def step_copied(criterion):
-                step(criterion, copied)
-
             def label_only(_):
                 adversarial_label(logits, target, EPS)
 
-            variants = {'timm': (step, timm_ce), 'alps': (step, alps_ce), 'copied': (step_copied, alps_ce),
-                        'label': (label_only, None),
+            variants = {'timm': (step, timm_ce), 'alps': (step, alps_ce), 'label': (label_only, None),
                         'inline': (step, inline_fused)}
             if before is not None:
                 variants['before'] = (step, old_fused)
@@ -134,9 +123,8 @@ def main(argv=None):
                     times[name].append((clock() - start) / args.reps * 1e3)
             ratios = [a / t for a, t in zip(times['alps'], times['timm'])]
             inline_ratios = [a / t for a, t in zip(times['inline'], times['timm'])]
-            copied_ratios = [a / t for a, t in zip(times['copied'], times['timm'])]
             row = dict(batch=batch, k=k, smoothing=smoothing, ratio=_quartiles(ratios),
-                       inline_ratio=_quartiles(inline_ratios), copied_ratio=_quartiles(copied_ratios),
+                       inline_ratio=_quartiles(inline_ratios),
                        **{name: _quartiles(values) for name, values in times.items()})
             if before is not None:
                 row['before_ratio'] = _quartiles([b / t for b, t in zip(times['before'], times['timm'])])
@@ -146,7 +134,6 @@ def main(argv=None):
 
     command = 'python -m benchmarks.label_cost ' + ' '.join(argv if argv is not None else os.sys.argv[1:])
     header = ['B', 'K', 'smoothing', 'timm SoftTargetCE (ms)', 'ALPS loss (ms)', 'ALPS / timm',
-              'ALPS loss, copied target (ms)', 'copied / timm',
               'label alone (ms)', 'label + CE inline (ms)', 'inline / timm'] + (['before: fused loss (ms)', 'before / timm'] if before is not None else [])
     lines = [
         '# Fused ALPS loss vs timm SoftTargetCrossEntropy (forward + backward)',
@@ -159,9 +146,7 @@ def main(argv=None):
         f'Clock: {"process CPU time (time.process_time)" if args.clock == "cpu" else "wall time"}. '
         f'Each cell: median over {args.rounds} rounds of the mean time per step over {args.reps} steps, '
         f'[interquartile range]; ratios are medians [IQR] of the per-round ratio. eps={EPS}; targets are '
-        f'`ALPSMixup` outputs (dense float32 (B, K) rows, with the mixer\'s note of each row\'s class); ALPS loss = '
-        f'`ALPSSoftTargetCrossEntropy(eps={EPS})`; "copied target" = the same loss on `target.clone()`, which carries '
-        f'no note (what a DataLoader worker or a device move hands the loss).'
+        f'`ALPSMixup` outputs (dense float32 (B, K) rows); ALPS loss = `ALPSSoftTargetCrossEntropy(eps={EPS})`.'
         + (f' The before variant ran in the first {min(args.before_rounds, args.rounds)} rounds only.'
            if before is not None else ''),
         '',
@@ -185,7 +170,7 @@ def _cell(quartiles, digits=3):
 
 def _format_row(row, with_before):
     cells = [str(row['batch']), str(row['k']), f'{row["smoothing"]:g}', _cell(row['timm']), _cell(row['alps']),
-             _cell(row['ratio'], 2), _cell(row['copied']), _cell(row['copied_ratio'], 2), _cell(row['label']),
+             _cell(row['ratio'], 2), _cell(row['label']),
              _cell(row['inline']), _cell(row['inline_ratio'], 2)]
     if with_before:
         cells += [_cell(row['before'], 1), _cell(row['before_ratio'], 1)]

@@ -166,8 +166,8 @@ class _ALPSMixingBase:
     def alps_eps(self) -> float:
         """L1 radius of the adversarial label ball in [0, 2], validated whenever it is set.
 
-        It may change during training, e.g. ramped in from 0 over the first updates (the remedy for the ALPS start
-        stall, see the README): ``mixup_fn.alps_eps = 0.3 * min(1, step / warmup_updates)`` before each update.
+        It may change during training, e.g. ramped in from 0 over the first updates by `EpsWarmup` (the remedy for
+        the ALPS start stall), or set by hand: ``mixup_fn.alps_eps = 0.3 * min(1, step / warmup_updates)``.
         Setting it reaches whichever part applies the label, so the label stays applied exactly once: on the fused
         path the losses this mixer made with `make_loss()` take the new eps (copies of mixer and loss made together,
         by `copy.deepcopy` or pickle, stay linked); on the model path this mixer applies it itself and its loss
