@@ -19,10 +19,12 @@ from .loader import PADDING_MODES, InMemoryLoader
 from .shards import convert, main
 from .sources import FORMATS
 from .tensors import (EVAL_SPLITS, INFO_FILE, BadShard, ShardError, check_shards, dataset_labels, decode_dataset,
-                      default_eval_split, load_split_tensors, read_info, shard_image_shape, split_labels, subset_indices)
+                      default_eval_split, load_split_tensors, read_info, shard_image_shape, split_labels,
+                      subset_indices)
 
 __all__ = [
-    'BUNDLED_DATA_DIR', 'BadShard', 'EVAL_SPLITS', 'ShardError', 'check_shards', 'FORMATS', 'INFO_FILE', 'PADDING_MODES', 'InMemoryLoader', 'convert',
+    'BUNDLED_DATA_DIR', 'BadShard', 'EVAL_SPLITS', 'FORMATS', 'INFO_FILE', 'PADDING_MODES', 'InMemoryLoader',
+    'ShardError', 'check_shards', 'convert',
     'dataset_labels', 'decode_dataset', 'default_eval_split', 'load_split_tensors', 'main', 'read_info',
     'shard_image_shape', 'split_labels', 'subset_indices',
 ]

@@ -39,16 +39,24 @@ class Source:
             timm_alps shards), None when it streams.
         train_samples: samples the fast loader would hold (after --max-train-samples).
         timm_datasets: timm's (train, eval) datasets, when they were opened to learn the above.
-        skipped_shards / skipped_samples: damaged shards left out under --tolerate-bad-shards (samples: of the
-            shards that say how many they hold).
+        bad_shards: damaged shards (`timm_alps.data.BadShard`) whose unreadable part is left out under
+            --tolerate-bad-shards; skipped_shards / skipped_samples count them (samples: of the shards that say how
+            many they hold).
     """
     info: Optional[Dict[str, Any]]
     classes: Optional[List[str]]
     train_chw: Optional[Tuple[int, int, int]]
     train_samples: int
     timm_datasets: Optional[Tuple[Any, Any]] = None
-    skipped_shards: int = 0
-    skipped_samples: int = 0
+    bad_shards: Tuple[Any, ...] = ()
+
+    @property
+    def skipped_shards(self) -> int:
+        return len(self.bad_shards)
+
+    @property
+    def skipped_samples(self) -> int:
+        return sum(b.lost or 0 for b in self.bad_shards)
 
 
 def _open_timm_datasets(config: Config) -> Tuple[Any, Any]:
@@ -81,9 +89,9 @@ def _dataset_classes(ds) -> Optional[List[str]]:
     return list(classes) if classes else None
 
 
-def _check_shards(config: Config) -> Tuple[int, int]:
-    """Every shard of both splits against `_info.json`: stop naming the first damaged one, or (tolerated) count
-    them. Returns (skipped shards, skipped samples)."""
+def _check_shards(config: Config) -> Tuple[Any, ...]:
+    """Every shard of both splits against `_info.json`: stop naming the first damaged one, or (tolerated) return
+    them."""
     bad = []
     for split in dict.fromkeys((config.train_split, config.val_split)):
         try:
@@ -94,10 +102,7 @@ def _check_shards(config: Config) -> Tuple[int, int]:
         more = f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''
         raise TrainError(f'{bad[0].problem}{more}. Re-create the shards (python -m timm_alps.data), or pass '
                          f'--tolerate-bad-shards to train on the shards that can be read.')
-    for b in bad:
-        _logger.warning(f'--tolerate-bad-shards: skipping what cannot be read of {b.problem}'
-                        + (f' ({b.lost} samples)' if b.lost is not None else ''))
-    return len(bad), sum(b.lost or 0 for b in bad)
+    return tuple(bad)
 
 
 def inspect_data(config: Config) -> Source:
@@ -107,14 +112,15 @@ def inspect_data(config: Config) -> Source:
     if config.dataset.startswith('wds/') and config.data_dir:
         info = alps_data.read_info(config.data_dir)  # read once already by resolve_config: valid
     if info is not None:
-        skipped_shards, skipped_samples = _check_shards(config)
+        bad = _check_shards(config)
         try:
             chw = alps_data.shard_image_shape(config.data_dir, config.train_split, config.tolerate_bad_shards)
         except (OSError, ValueError) as e:
             raise TrainError(f"could not read split '{config.train_split}' of '{config.data_dir}': {e}") from e
-        n = info['splits'][config.train_split]['num_samples'] - skipped_samples
-        return Source(info, info.get('classes'), chw, min(n, config.max_train_samples or n), None, skipped_shards,
-                      skipped_samples)
+        source = Source(info, info.get('classes'), chw, 0, None, bad)
+        n = info['splits'][config.train_split]['num_samples'] - source.skipped_samples
+        source.train_samples = min(n, config.max_train_samples or n)
+        return source
     ds_train, ds_eval = _open_timm_datasets(config)
     chw, n = None, 0
     if _is_map_style(ds_train) and len(ds_train):

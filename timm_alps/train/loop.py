@@ -141,7 +141,8 @@ def train_one_epoch(epoch, task, loader, optimizer, config: Config, env: Env, st
             if need_update and config.clip_grad is not None:
                 params = task.get_clip_parameters(exclude_head='agc' in config.clip_mode)
             if loss_scaler is not None:
-                loss_scaler(scaled, optimizer, clip_grad=config.clip_grad, clip_mode=config.clip_mode, parameters=params,
+                loss_scaler(scaled, optimizer, clip_grad=config.clip_grad, clip_mode=config.clip_mode,
+                            parameters=params,
                             need_update=need_update)
             else:
                 scaled.backward()

@@ -66,20 +66,6 @@ def is_own_resume(config: Config, output_dir: str) -> bool:
         os.path.dirname(os.path.abspath(config.resume)), output_dir)
 
 
-def _checkpoint_bytes_on_disk(output_dir: str) -> int:
-    """Bytes of the checkpoints a resumed run replaces (hard links counted once)."""
-    seen, total = set(), 0
-    for path in list_checkpoints(output_dir):
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-    return total
-
-
 class OutputFolder:
     """An output folder held by this run: an exclusive `flock` on the folder itself (no lock file is added to it),
     released by `release` or when the process ends, however it ends."""
@@ -99,7 +85,7 @@ def claim_output_dir(config: Config, output_dir: str, checkpoint_bytes: int) -> 
 
     Args:
         checkpoint_bytes: the estimated size of one checkpoint. A new run needs room for three (last, best, the
-            temporary copy of a save); a resumed run replaces its checkpoints, so only what they do not cover.
+            temporary copy of a save); a resumed run replaces its checkpoints, so it needs room for one.
 
     Raises:
         TrainError: the one-line reason; the folder is left as it was.
@@ -112,8 +98,8 @@ def claim_output_dir(config: Config, output_dir: str, checkpoint_bytes: int) -> 
         os.makedirs(output_dir, exist_ok=True)
         fd = os.open(output_dir, os.O_RDONLY)
     except OSError as e:
-        raise TrainError(f"output folder '{output_dir}' cannot be created or opened ({e.strerror or e}); choose "
-                         f"another with --output. Nothing was trained.") from None
+        raise TrainError(f"output folder '{output_dir}' is not writable ({e.strerror or e}); choose another with "
+                         f"--output, or fix its permissions. Nothing was trained.") from None
     folder = OutputFolder(output_dir, fd)
     try:
         try:
@@ -129,9 +115,11 @@ def claim_output_dir(config: Config, output_dir: str, checkpoint_bytes: int) -> 
             for path in list_checkpoints(output_dir) + [os.path.join(output_dir, f) for f in RUN_FILES]:
                 if os.path.exists(path):
                     os.remove(path)
+        # A new run: last + best + the temporary file of a save. A resumed run with checkpoints on disk replaces
+        # them at each save: it needs room for the temporary file only.
         need = 3 * checkpoint_bytes
-        if own:
-            need = max(checkpoint_bytes, need - _checkpoint_bytes_on_disk(output_dir))
+        if own and list_checkpoints(output_dir):
+            need = checkpoint_bytes
         try:
             check_output_dir(output_dir, need)
         except CheckpointError as e:

@@ -197,9 +197,6 @@ def _log_plan(config: Config, model, kind: str, loaders: Loaders, updates_per_ep
         _logger.info(f'ALPS radius ramps linearly from 0 to {reg.eps_warmup.eps:g} over the first '
                      f'{reg.eps_warmup.warmup_updates} updates (--alps-eps-warmup-epochs '
                      f'{config.alps_eps_warmup_epochs:g}).')
-    if source.skipped_shards:
-        _logger.warning(f'--tolerate-bad-shards: {source.skipped_shards} damaged shard(s) ({source.skipped_samples} '
-                        f'samples) left out; counted in summary.csv (train_skipped_shards, train_skipped_samples).')
 
 
 def train(config: Config, env: Env, output_dir: str, training: Training, reg: Regularisation, loaders: Loaders,
@@ -214,7 +211,8 @@ def train(config: Config, env: Env, output_dir: str, training: Training, reg: Re
         if env.rank0:
             saved_args = run_args(config, env, num_classes)
             saver = AtomicCheckpointSaver(  # args: plain values, as timm's train.py stores them
-                model=training.model, optimizer=optimizer, args=argparse.Namespace(**saved_args), amp_scaler=training.loss_scaler,
+                model=training.model, optimizer=optimizer, args=argparse.Namespace(**saved_args),
+                amp_scaler=training.loss_scaler,
                 checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=config.eval_metric == 'loss',
                 max_history=config.checkpoint_hist, task=task, extra_state_fn=extra_state)
             log_file = start_log_file(output_dir)
@@ -224,6 +222,13 @@ def train(config: Config, env: Env, output_dir: str, training: Training, reg: Re
             write_args(output_dir, saved_args)
             utils.trim_summary(summary, resumed.start_epoch)
             _logger.info(f'Output folder: {output_dir}')
+            for b in source.bad_shards:  # after log.txt is open: the record of what this run did not train on
+                _logger.warning(f'--tolerate-bad-shards: left out what cannot be read of {b.problem}'
+                                + (f' ({b.lost} samples)' if b.lost is not None else ''))
+            if source.bad_shards:
+                _logger.warning(f'--tolerate-bad-shards: {source.skipped_shards} damaged shard(s) '
+                                f'({source.skipped_samples} samples) left out; summary.csv counts them '
+                                f'(train_skipped_shards, train_skipped_samples).')
         elif env.distributed:
             saver = CollectiveOnlySaver(extra_state)  # non-zero ranks join the all_gather of every save
         resumed.checkpoint = None
@@ -302,13 +307,17 @@ def train(config: Config, env: Env, output_dir: str, training: Training, reg: Re
     return 0
 
 
+def _free_bytes(path: str) -> Optional[int]:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
 def _write_failure(e: Exception, output_dir: str, config: Config) -> str:
     """One line for a failed write that says when the disk is full (torch reports it as a failed zip write), and
     how to continue."""
-    try:
-        free = shutil.disk_usage(output_dir).free
-    except OSError:
-        free = None
+    free = _free_bytes(output_dir)
     full = getattr(e, 'errno', None) == errno.ENOSPC or 'No space left' in str(e) or (free is not None and
                                                                                      free < 2 ** 20)
     resume = f'--resume auto --experiment {os.path.basename(os.path.normpath(output_dir))}' + (
