@@ -396,7 +396,7 @@ def _tar_samples(path: Path, read_images: bool) -> Iterator[Tuple[str, bytes, in
                     k = f'{folder}/{stem}' if folder else stem
                 if key is not None and (m is None or k != key):  # the previous sample is complete
                     if data is None or label is None:
-                        raise ShardError(path, f'has sample {key} without an image or a .cls entry')
+                        raise ShardError(path, f'is damaged: sample {key} lacks an image or a .cls entry')
                     yield f'sample {key} of {path}', data, label
                     key, data, label = None, None, None
                 if m is None:
