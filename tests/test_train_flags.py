@@ -120,10 +120,10 @@ def test_bad_command_line_is_rejected_up_front(tmp_path, flags, expected):
     ('lr: 0.1\nmomentun: 0.9\n', "unknown key 'momentun'; did you mean 'momentum' (--momentum)?"),
     ('- lr\n- 0.1\n', 'expected a mapping'),
     ('just a string\n', 'expected a mapping'),
-    ('lr: fast\n', "--lr fast: expected a number, got str 'fast'"),
-    ('epochs: 2.5\n', '--epochs 2.5: expected an integer'),
+    ('lr: fast\n', "argument --lr: invalid float value: 'fast'"),
+    ('epochs: 2.5\n', "argument --epochs: invalid int value: '2.5'"),
     ('momentum: .nan\n', '--momentum nan'),
-    ('alps_eps_warmup_epochs: one\n', "--alps-eps-warmup-epochs one: expected a number"),
+    ('alps_eps_warmup_epochs: one\n', "argument --alps-eps-warmup-epochs: invalid float value: 'one'"),
     ('eval_metric: foo\n', "--eval-metric 'foo' is unknown"),
     ('on_nonfinite: ignore\n', "--on-nonfinite 'ignore' is unknown"),
     ('lr: [0.1\n', 'could not read --config'),
@@ -173,3 +173,13 @@ def test_native_bf16_detection_and_precision_defaults():
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
 def test_cuda_device_without_cuda_is_rejected(tmp_path):
     _assert_rejected(tmp_path, ['--device', 'cuda'], "could not set up device 'cuda'")
+
+
+def test_config_values_read_as_the_command_line_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('lr: 1e-3\nalps_beta: [4, 1]\nmodel_kwargs: {width: 4, name: "a=b"}\namp: false\n'
+                   'interpolation: bicubic\nbce_loss: true\nepochs: 3\n')
+    args = parse_args(['-c', str(cfg), '--epochs', '5'])
+    assert (args.lr, args.alps_beta, args.model_kwargs, args.amp, args.bce_loss, args.epochs) == \
+        (0.001, [4.0, 1.0], {'width': 4, 'name': 'a=b'}, False, True, 5)  # YAML's 1e-3 is a string to YAML 1.1
+    assert parse_args(['-c', str(cfg)]).epochs == 3

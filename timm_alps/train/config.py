@@ -1,9 +1,9 @@
 """The run's configuration: every flag declared once, parsed from the command line and a -c YAML alike, resolved
 into one frozen `Config` before anything is built.
 
-Each flag is one `_flag(...)` call: its type, its range (numbers) or its names (choices) and its help. A YAML value
-goes through the same conversion as the command line (`_from_yaml`: the flag's type, its list length) and every
-value, wherever it came from, through the same checks (`_check_rules`). `resolve_config` then fills what the user
+Each flag is one `_flag(...)` call: its type, its range (numbers) or its names (choices) and its help. A YAML file
+becomes the command-line words it stands for (`read_config_file`), so argparse converts it as it converts the command
+line, and every value, wherever it came from, goes through the same checks (`_check_rules`). `resolve_config` then fills what the user
 left open (the method's preset, the bundled dataset and its evaluation split, the precision of the device) and
 returns the frozen `Config` that the run reads and saves as args.yaml; nothing changes it afterwards.
 """
@@ -311,7 +311,12 @@ def _actions() -> Dict[str, argparse.Action]:
 def flag_name(dest: str) -> str:
     """The command-line spelling of an argument (its longest option string)."""
     action = _actions().get(dest)
-    return max(action.option_strings, key=len) if action is not None else '--' + dest.replace('_', '-')
+    if action is None:
+        return '--' + dest.replace('_', '-')
+    names = action.option_strings
+    if isinstance(action, argparse.BooleanOptionalAction):  # --amp, not its --no-amp
+        names = [o for o in names if not o.startswith('--no-')]
+    return max(names, key=len)
 
 
 def _show(v: Any) -> str:
@@ -346,50 +351,43 @@ def _is_bool_flag(action: argparse.Action) -> bool:
     return action.const is True or action.const is False or isinstance(action, argparse.BooleanOptionalAction)
 
 
-def _from_yaml(action: argparse.Action, value: Any) -> Any:
-    """A YAML value converted as argparse converts the command line: the flag's type and list length (ranges and
-    names are checked later, for both sources, by `_check_rules`)."""
+def _yaml_argv(action: argparse.Action, value: Any) -> List[str]:
+    """A YAML value as the command-line words it stands for, so that argparse converts it as it converts the command
+    line (ranges and names are then checked for both by `_check_rules`). Only what has no command-line spelling is
+    refused here: null for a flag that needs a value, a non-boolean for a switch, a nested value."""
     flag = flag_name(action.dest)
     if value is None:
         if action.default is not None and not isinstance(action.default, dict):
-            raise TrainError(f'{flag}: null in the config, but the flag needs a value (default {_show(action.default)}'
-                             f'); give one or leave the key out')
-        return None
+            raise TrainError(f'{flag}: null, but the flag needs a value (default {_show(action.default)}); give one '
+                             f'or leave the key out')
+        return []
     if _is_bool_flag(action):
         if not isinstance(value, bool):
             raise TrainError(f'{flag}: expected true or false, got {value!r}')
-        return value
-    if isinstance(action, utils.ParseKwargs):
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return [flag if value else '--no-' + flag[2:]]
+        return [flag] if value != action.default else []
+    if isinstance(action, utils.ParseKwargs):  # timm's key=value parser reads each value with ast.literal_eval
+        if not isinstance(value, dict) or not all(isinstance(k, str) and '=' not in k for k in value):
             raise TrainError(f'{flag}: expected a mapping of key: value, got {value!r}')
-        return dict(value)
+        return [flag] + [f'{k}={v!r}' for k, v in value.items()] if value else []
     many = action.nargs not in (None, '?')
-    values = (list(value) if isinstance(value, (list, tuple)) else [value]) if many else [value]
-    if not many and isinstance(value, (list, tuple, dict)):
-        raise TrainError(f'{flag}: expected one value, got {value!r}')
-    out = []
-    for x in values:
-        if action.type in (int, float):
-            ok = isinstance(x, (int, float)) and not isinstance(x, bool) and (
-                action.type is float or float(x).is_integer())
-            if not ok:
-                kind = 'an integer' if action.type is int else 'a number'
-                raise TrainError(f'{flag} {_show(value)}: expected {kind}, got {type(x).__name__} {x!r}')
-            out.append(action.type(x) if math.isfinite(x) else float(x))
-        elif not isinstance(x, str):
-            raise TrainError(f'{flag}: expected a string, got {type(x).__name__} {x!r}')
-        else:
-            out.append(x)
-    return out if many else out[0]
+    values = list(value) if many and isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(x, (list, tuple, dict)) for x in values):
+        raise TrainError(f"{flag}: expected {'a list of values' if many else 'one value'}, got {value!r}")
+    if action.type in (int, float) and any(isinstance(x, bool) for x in values):
+        raise TrainError(f'{flag}: expected a number, got {value!r}')
+    # `--flag=value`: a value starting with '-' is not read as another flag
+    return [f'{flag}={values[0]}'] if not many else [flag] + [str(x) for x in values]
 
 
-def read_config_file(path: str) -> Dict[str, Any]:
-    """The flags of a -c YAML file (flag: value), converted like the command line; derived keys of a saved
-    args.yaml are dropped.
+def read_config_file(path: str) -> List[str]:
+    """The flags of a -c YAML file (flag: value) as command-line words; derived keys of a saved args.yaml are
+    dropped.
 
     Raises:
         TrainError: unreadable or binary file, invalid YAML, a key given twice, not a mapping, an unknown key
-            (named with the closest flag), or a value of the wrong type.
+            (named with the closest flag), or a value with no command-line spelling.
     """
     try:
         with open(path, encoding='utf-8') as f:
@@ -402,7 +400,7 @@ def read_config_file(path: str) -> Dict[str, Any]:
     config = {} if config is None else config
     if not isinstance(config, dict):
         raise TrainError(f'--config {path}: expected a mapping of flag: value, got a {type(config).__name__}')
-    actions, out = _actions(), {}
+    actions, argv, seen = _actions(), [], set()
     for key, value in config.items():
         dest = key.replace('-', '_') if isinstance(key, str) else None
         if dest in DERIVED_KEYS:
@@ -411,17 +409,23 @@ def read_config_file(path: str) -> Dict[str, Any]:
             close = difflib.get_close_matches(str(key).replace('-', '_'), sorted(actions), n=1, cutoff=0.6)
             hint = f'; did you mean {close[0]!r} ({flag_name(close[0])})?' if close else ''
             raise TrainError(f'--config {path}: unknown key {key!r}{hint}')
-        if dest in out:
+        if dest in seen:
             raise TrainError(f'--config {path}: {flag_name(dest)} is given twice ({key!r})')
+        seen.add(dest)
         try:
-            out[dest] = _from_yaml(actions[dest], value)
+            argv += _yaml_argv(actions[dest], value)
         except TrainError as e:
             raise TrainError(f'--config {path}: {e}') from None
-    return out
+    try:
+        parser.parse_args(argv)  # alone first, so that a bad value is reported as the file's
+    except TrainError as e:
+        raise TrainError(f'--config {path}: {e}') from None
+    return argv
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """The user's values: flags over the -c/--config YAML (e.g. a run's args.yaml) over the defaults.
+    """The user's values: flags over the -c/--config YAML (e.g. a run's args.yaml) over the defaults, all read by
+    the one argparse parser (the YAML as the command-line words it stands for, before the command line's own).
 
     None means "not given" for flags that `resolve_config` fills (the method's preset, the dataset, the precision).
 
@@ -429,9 +433,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         TrainError: a bad config file or command line (one line).
     """
     args_config, remaining = config_parser.parse_known_args(argv)
-    config = read_config_file(args_config.config) if args_config.config else {}
-    # A pre-filled namespace instead of parser.set_defaults keeps the module-level parser unchanged between calls.
-    return parser.parse_args(remaining, namespace=argparse.Namespace(**config))
+    config = read_config_file(args_config.config) if args_config.config else []
+    return parser.parse_args(config + remaining)
 
 
 # -- checks, for values from either source --------------------------------------------------------------------------
