@@ -122,3 +122,8 @@ def test_cli_reports_one_line_and_exit_status_2():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ['train_timm.py: error: --alps-beta takes 2 number(s), got 1: 8.0']
+    # the same CLI from the package (what the timm-alps-train console script runs)
+    r = subprocess.run([sys.executable, '-m', 'timm_alps.train', '--alps-beta', '8'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ['timm-alps-train: error: --alps-beta takes 2 number(s), got 1: 8.0']

@@ -2,7 +2,6 @@
 own run, damaged shards stop both loaders naming the shard (or are counted under --tolerate-bad-shards), a full disk
 says so and stays resumable, and the converter refuses label sets that would make mostly empty classes."""
 import csv
-import errno
 import fcntl
 import hashlib
 import os

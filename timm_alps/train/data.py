@@ -234,7 +234,7 @@ def build_loaders(config: Config, kind: str, source: Source, data_config: Dict[s
             if max_label >= num_classes:
                 raise TrainError(f'the dataset has labels up to {max_label} but the model has {num_classes} '
                                  f'classes; pass --num-classes {max_label + 1}')
-            return Loaders(train, evaluate)
+            return _nonempty(Loaders(train, evaluate), config)
         ds_train, ds_eval = source.timm_datasets or _open_timm_datasets(config)
         subsets = []
         for ds, k in ((ds_train, config.max_train_samples), (ds_eval, config.max_eval_samples)):
@@ -254,9 +254,16 @@ def build_loaders(config: Config, kind: str, source: Source, data_config: Dict[s
             **loader_kw)
         evaluate = create_loader(subsets[1], batch_size=eval_bs, is_training=False, crop_pct=data_config['crop_pct'],
                                  interpolation=data_config['interpolation'], **loader_kw)
-        return Loaders(train, evaluate, collate_mixer)
+        return _nonempty(Loaders(train, evaluate, collate_mixer), config)
     except (ValueError, TypeError, AssertionError) as e:
         raise TrainError(f'could not build the data loaders: {e}') from e
+
+
+def _nonempty(loaders: Loaders, config: Config) -> Loaders:
+    if len(loaders.train) == 0:
+        raise TrainError(f'the training set is smaller than one batch ({config.batch_size} per process); lower '
+                         f'--batch-size')
+    return loaders
 
 
 def check_classes(config: Config, source: Source) -> Optional[int]:

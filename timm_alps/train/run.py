@@ -3,9 +3,9 @@ import argparse
 import dataclasses
 import errno
 import logging
-import shutil
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -24,13 +24,13 @@ from timm.utils import NativeScaler
 
 from ..checkpoint import AtomicCheckpointSaver, CheckpointError, estimate_checkpoint_bytes
 from ..task import ALPSTask
-from .config import DERIVED_KEYS, Config, parse_args, resolve_config
+from .config import Config, parse_args, resolve_config
 from .data import Loaders, Source, build_loaders, check_classes, choose_loader, inspect_data, set_loader_epoch
 from .env import Env, setup_env
 from .errors import Interrupted, NonFiniteError, TrainError
 from .loop import SignalFlag, TrainState, check_finite, train_one_epoch, validate
 from .mixing import Regularisation, create_collate_mixer, create_regularisation, mixes_in_collate
-from .output import (OutputFolder, claim_output_dir, is_own_resume, plot_curves, resolve_output_dir, start_log_file,
+from .output import (claim_output_dir, is_own_resume, plot_curves, resolve_output_dir, start_log_file,
                      stop_log_file, write_args)
 from .resume import CheckpointState, CollectiveOnlySaver, Resumed, resume_training
 
@@ -81,6 +81,30 @@ def build_model(config: Config, source: Source) -> Tuple[nn.Module, int, Dict[st
     return model, model.num_classes if num_classes is None else num_classes, data_config, bool(fixed or given)
 
 
+def place_model(config: Config, env: Env, model: nn.Module) -> nn.Module:
+    """The model on the device, in the run's memory format, with synchronized BatchNorm when asked."""
+    model.to(device=env.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if env.distributed and config.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def wrap_for_training(config: Config, env: Env, training: 'Training', resumed: Resumed, state: TrainState) -> None:
+    """After a resume (which loads into the plain modules): torch.compile, DDP, the schedule moved to where the run
+    continues (as timm's train.py)."""
+    if config.torchcompile:
+        training.task.compile(backend=config.torchcompile)
+    if env.distributed:
+        ddp_kwargs = dict(broadcast_buffers=False) if config.no_ddp_bb else {}
+        training.task.prepare_distributed(device_ids=[env.device] if env.device.type == 'cuda' else None, **ddp_kwargs)
+    if training.lr_scheduler is not None and resumed.checkpoint is not None:
+        training.lr_scheduler.step(resumed.start_epoch)
+        if config.sched_on_updates:
+            training.lr_scheduler.step_update(num_updates=state.step)
+
+
 def build_training(config: Config, env: Env, model: nn.Module, reg: Regularisation,
                    updates_per_epoch: int) -> Training:
     """Task, optimizer, schedule and precision (bf16 autocast on CPUs with native bf16: see resolve_precision)."""
@@ -123,7 +147,6 @@ def run_args(config: Config, env: Env, num_classes: int) -> Dict[str, Any]:
     """args.yaml: every resolved flag (so `-c args.yaml` repeats the run) and, apart, the derived values."""
     derived = dict(num_classes=num_classes, distributed=env.distributed, world_size=env.world_size, rank=env.rank,
                    local_rank=env.local_rank, progress=env.progress, prefetcher=not config.no_prefetcher)
-    assert set(derived) - {'num_classes'} <= set(DERIVED_KEYS)
     return {**config.to_dict(), **derived}
 
 
@@ -143,14 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     collate_mixer = create_collate_mixer(config, num_classes, env.rank) if mixes_in_collate(config, kind) else None
     loaders = build_loaders(config, kind, source, data_config, num_classes, env.device, env.rank, env.world_size,
                             env.distributed, collate_mixer)
-    if len(loaders.train) == 0:
-        raise TrainError(f'the training set is smaller than one batch ({config.batch_size} per process); lower '
-                         f'--batch-size')
-    model.to(device=env.device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if env.distributed and config.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = place_model(config, env, model)
     updates_per_epoch = math.ceil(len(loaders.train) / config.grad_accum_steps)
     reg = create_regularisation(config, num_classes, model, env.rank, collate_mixer, updates_per_epoch)
     training = build_training(config, env, model, reg, updates_per_epoch)
@@ -165,15 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if config.resume:  # before DDP / compile, so state loads into the plain modules
         resumed = resume_training(config, env, output_dir, training.task, training.optimizer, training.loss_scaler,
                                   training.lr_scheduler, mixer_state, loaders.train, state)
-    if config.torchcompile:
-        training.task.compile(backend=config.torchcompile)
-    if env.distributed:
-        ddp_kwargs = dict(broadcast_buffers=False) if config.no_ddp_bb else {}
-        training.task.prepare_distributed(device_ids=[env.device] if env.device.type == 'cuda' else None, **ddp_kwargs)
-    if training.lr_scheduler is not None and resumed.checkpoint is not None:
-        training.lr_scheduler.step(resumed.start_epoch)  # as timm's train.py
-        if config.sched_on_updates:
-            training.lr_scheduler.step_update(num_updates=state.step)
+    wrap_for_training(config, env, training, resumed, state)
 
     modules = [training.task.get_trainable_module()] + \
         ([training.task.get_trainable_module(ema=True)] if config.model_ema else [])
