@@ -6,6 +6,9 @@ import fcntl
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -52,6 +55,29 @@ def test_a_folder_in_use_by_another_run_is_refused(tmp_path):
     finally:
         os.close(fd)
     assert train.main(TINY + ['--output', str(tmp_path), '--experiment', 'run']) == 0  # released: it runs
+
+
+def test_two_runs_started_into_one_folder(tmp_path):
+    """A real second process: the run holding the folder keeps it for its whole life; the other exits 2, one line."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    argv = TINY + ['--epochs', '50', '--output', str(tmp_path), '--experiment', 'run']
+    first = subprocess.Popen([sys.executable, '-m', 'timm_alps.train'] + argv, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / 'run' / 'args.yaml').exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, '-m', 'timm_alps.train'] + argv + ['--resume', 'auto'], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert [line for line in second.stderr.splitlines() if 'error' in line] == [
+            f"timm-alps-train: error: output folder '{tmp_path / 'run'}' is in use by another training run; wait "
+            f"for it to finish or pick another --experiment."]
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_resume_into_another_run_is_refused_unless_overwrite(tmp_path):
