@@ -111,6 +111,7 @@ def shards(tmp_path_factory):
     np.savez(npz, x_train=rng.integers(0, 256, (48, 32, 32, 3), dtype=np.uint8), y_train=np.arange(48) % 3,
              x_test=rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), y_test=np.arange(32) % 3)
     convert(npz, root / 'wds', shard_size=16)
+    convert(npz, root / 'wds-gz', shard_size=16, compress=True)
     return root / 'wds'
 
 
@@ -151,7 +152,18 @@ def test_a_damaged_shard_stops_both_loaders_naming_it(shards, tmp_path, loader, 
 
 
 @pytest.mark.parametrize('loader', ['fast', 'timm'])
-def test_tolerate_bad_shards_trains_on_the_rest_and_counts_it(shards, tmp_path, loader, caplog):
+@pytest.mark.parametrize('how', ['truncated', 'random-bytes', 'bad-header'])
+def test_a_damaged_gzip_shard_stops_both_loaders_naming_it(shards, tmp_path, loader, how):
+    d = tmp_path / 'wds'
+    shutil.copytree(shards.parent / 'wds-gz', d)
+    _damage(d / 'tiny-train-0001.tar.gz', how)
+    _rejected(_data_args(d) + ['--loader', loader, '--output', str(tmp_path), '--experiment', 'run'],
+              'tiny-train-0001.tar.gz')
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('loader', ['fast', 'timm'])
+def test_tolerate_bad_shards_trains_on_the_rest_and_counts_it(shards, tmp_path, loader):
     d = _data_copy(shards, tmp_path)
     _damage(d / 'tiny-train-0001.tar', 'missing')
     bad = check_shards(d, 'train')
