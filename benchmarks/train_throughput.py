@@ -147,7 +147,7 @@ def main(argv=None):
         '',
         f'Model `{args.model}`{" " + str(args.model_kwargs) if args.model_kwargs else ""}, batch {args.batch_size}, '
         f'{steps} updates per epoch, ALPS fused, SGD momentum. {args.rounds} alternating rounds of {args.epochs} '
-        f'epochs (script: `train_timm.main({" ".join(script_argv)} ...)`, then the same with `--no-amp`) / '
+        f'epochs (script: `timm_alps.train.main({" ".join(script_argv)} ...)`, then the same with `--no-amp`) / '
         f'{args.epochs} passes (bare fp32 loop); each round\'s first epoch/pass is warm-up, the others\' median is '
         f'reported.',
         '',
