@@ -11,8 +11,8 @@ This study trains the first epoch of that preset for several seeds and several a
 - ``eps-mix-ramp``: eps ramped as above and the input mixing too: lam_t = 1 - min(1, t / 390) * (1 - lam), with
   lam drawn exactly as in the preset (the ramp is applied after the draw, so no random stream changes).
 
-The ramps are set from outside `train_timm.main(argv)` (run in-process, unchanged): the loss's ``eps`` attribute is
-set before each training forward and `ALPSMixup.sample`'s lam is rescaled after the draw. Neither consumes random
+The ramps are set from outside `timm_alps.train.main(argv)` (train_timm.py's engine, run in-process,
+unchanged): the loss's ``eps`` attribute is set before each training forward and `ALPSMixup.sample`'s lam is rescaled after the draw. Neither consumes random
 numbers, so every arm sees the same initial weights, batches, lam and partners as the preset at the same seed.
 
 Per update the script records the trained loss and the preset's objective (the ALPS loss at eps 0.3) computed on
@@ -76,15 +76,16 @@ def run_name(arm: str, seed: int) -> str:
 
 
 def train_one(args) -> None:
-    """Child process: one (arm, seed) epoch through the frozen `train_timm.main`, with the arm's ramps patched in."""
+    """Child process: one (arm, seed) epoch through the frozen engine's `main`, with the arm's ramps patched in."""
     sys.path.insert(0, args.code)
     import torch
     import timm_alps
-    import train_timm
+    from timm import utils
+    from timm_alps import train as engine  # train_timm.py's engine
     from timm_alps.labels import adversarial_label
     from timm_alps.loss import ALPSSoftTargetCrossEntropy
     from timm_alps.mixup import ALPSMixup
-    for mod in (timm_alps, train_timm):
+    for mod in (timm_alps,):
         if not os.path.abspath(mod.__file__).startswith(os.path.abspath(args.code) + os.sep):
             raise SystemExit(f'{mod.__name__} imported from {mod.__file__}, not from --code {args.code}')
 
@@ -131,12 +132,12 @@ def train_one(args) -> None:
 
     ALPSSoftTargetCrossEntropy.forward = forward
     ALPSMixup.sample = sample_ramped
-    train_timm.utils.setup_default_logging()
+    utils.setup_default_logging()
     t0 = time.time()
-    rc = train_timm.main(argv)
+    rc = engine.main(argv)
     wall = time.time() - t0
     if rc != 0:
-        raise SystemExit(f'train_timm.main returned {rc}')
+        raise SystemExit(f'the training engine returned {rc}')
 
     import csv
     with open(os.path.join(args.out, 'train', name, 'summary.csv'), newline='') as f:

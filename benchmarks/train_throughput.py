@@ -59,8 +59,8 @@ def bare_loop(args, images: torch.Tensor, labels: torch.Tensor, steps: int, pass
 def script_run(args, argv):
     """(img per CPU-second, img per wall-second) of train_timm.py's training loop (median of epochs 2..), and the
     wall seconds of its whole main()."""
-    import train_timm
-    original = train_timm.train_one_epoch
+    from timm_alps.train import run as engine  # train_timm.py's engine
+    original = engine.train_one_epoch
     cpu, wall = [], []
 
     def timed(epoch, task, loader, *a, **k):
@@ -71,14 +71,14 @@ def script_run(args, argv):
         wall.append(n / (time.perf_counter() - w0))
         return out
 
-    train_timm.train_one_epoch = timed
+    engine.train_one_epoch = timed
     try:
         t0 = time.perf_counter()
-        if train_timm.main(argv) != 0:
+        if engine.main(argv) != 0:
             raise RuntimeError('train_timm.py did not finish')
         total = time.perf_counter() - t0
     finally:
-        train_timm.train_one_epoch = original
+        engine.train_one_epoch = original
     return statistics.median(cpu[1:]), statistics.median(wall[1:]), total
 
 
@@ -133,8 +133,8 @@ def main(argv=None):
     ratio_cpu, ratio_fp32, ratio_wall = med[1] / med[0], med[2] / med[0], med[4] / med[3]
     load = os.getloadavg()
     cli = ' '.join(sys.argv[1:] if argv is None else argv)
-    import train_timm
-    native = train_timm.cpu_has_native_bf16()
+    from timm_alps.train import cpu_has_native_bf16
+    native = cpu_has_native_bf16()
     lines = [
         '# Training throughput: train_timm.py vs a bare fp32 loop',
         '',
@@ -147,7 +147,7 @@ def main(argv=None):
         '',
         f'Model `{args.model}`{" " + str(args.model_kwargs) if args.model_kwargs else ""}, batch {args.batch_size}, '
         f'{steps} updates per epoch, ALPS fused, SGD momentum. {args.rounds} alternating rounds of {args.epochs} '
-        f'epochs (script: `train_timm.main({" ".join(script_argv)} ...)`, then the same with `--no-amp`) / '
+        f'epochs (script: `timm_alps.train.main({" ".join(script_argv)} ...)`, then the same with `--no-amp`) / '
         f'{args.epochs} passes (bare fp32 loop); each round\'s first epoch/pass is warm-up, the others\' median is '
         f'reported.',
         '',

@@ -1,10 +1,9 @@
-"""Ramping the ALPS radius in: the validated `eps` / `alps_eps` setters of the library, and train_timm.py's
+"""Ramping the ALPS radius in: the validated `eps` / `alps_eps` setters of the library, and the training engine's
 --alps-eps-warmup-epochs (eps_t = eps * min(1, t / warmup_updates) at update t) on every label path, with resume."""
 import copy
 import os
 import pickle
 import signal
-import sys
 
 import pytest
 import torch
@@ -12,17 +11,18 @@ import torch.nn as nn
 
 from timm_alps import (ALPSBinaryCrossEntropy, ALPSLoss, ALPSMixup, ALPSSoftTargetCrossEntropy,
                        FastCollateALPSMixup)
+from timm_alps.checkpoint import load_training_checkpoint
 from timm_alps.labels import adversarial_label
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import train_timm  # noqa: E402
+from timm_alps import EpsWarmup, train
+from timm_alps.train import mixing, parse_args, resolve_config
+
 
 # 64 bundled images at batch 16: 4 updates per epoch; a 1.5-epoch ramp is round(1.5 * 4) = 6 updates.
 TINY = ['--model', 'preact_resnet18_w16', '--model-kwargs', 'width=4', '--max-train-samples', '64',
         '--max-eval-samples', '32', '-b', '16', '--epochs', '2', '--no-progress', '-j', '0', '--seed', '7',
         '--alps-eps-warmup-epochs', '1.5']
-RAMP = [0.3 * min(1.0, t / 6) for t in range(8)]  # t = 0..7: 0, 0.05, ..., 0.25, then 0.3 exactly
+RAMP = [0.3 * t / 6 if t < 6 else 0.3 for t in range(8)]  # EpsWarmup: t = 0..7: 0, 0.05, ..., 0.25, then 0.3
 
 
 # -- library: the setters ---------------------------------------------------------------------------------------
@@ -94,11 +94,9 @@ def test_model_handle_mixer_ramps_its_label_and_its_loss_keeps_eps_0():
         loss(model(x), target)  # accepted: the marked target is not shifted again
 
 
-# -- train_timm.py: the ramp, decided by Regularisation --------------------------------------------------------
-def _args(flags):
-    args = train_timm.parse_args(flags)
-    train_timm.validate_args(args)
-    return args
+# -- the training engine: the ramp is an EpsWarmup on the mixer that owns the label path --------------------------
+def _config(flags):
+    return resolve_config(parse_args(flags))
 
 
 @pytest.mark.parametrize('flags, path', [
@@ -111,45 +109,41 @@ def test_regularisation_sets_the_radius_where_the_label_path_applies_it(flags, p
     collate = None
     if flags == 'collate':
         flags, collate = [], FastCollateALPSMixup(alps_eps=0.3, num_classes=10, seed=0)
-    args = _args(flags + ['--alps-eps-warmup-epochs', '2.5', '--epochs', '3'])
-    args.rank = 0
+    config = _config(flags + ['--alps-eps-warmup-epochs', '2.5', '--epochs', '3'])
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
-    reg = train_timm.create_regularisation(args, 10, model, collate, updates_per_epoch=4)
-    assert reg.eps_warmup_updates == 10  # round(2.5 * 4)
+    reg = mixing.create_regularisation(config, 10, model, collate_mixer=collate, updates_per_epoch=4)
+    assert isinstance(reg.eps_warmup, EpsWarmup) and reg.eps_warmup.warmup_updates == 10  # round(2.5 * 4)
     mixer = reg.stateful_mixer
     holder = (lambda: mixer.alps_eps) if path == 'model' else (lambda: reg.criterion.eps)
-    for step in (0, 1, 5, 9, 10, 11, 40):
+    for step in (0, 1, 5, 9, 10, 11, 40, 3):  # set from the updates done: any order, as a resume does
         reg.set_step(step)
-        assert holder() == 0.3 * min(1.0, step / 10) == reg.eps_at(step)
+        assert holder() == (0.3 * step / 10 if step < 10 else 0.3) == reg.eps_warmup.eps_at(step)
         if path == 'model':
             assert reg.criterion.eps == 0.0
-    assert [reg.eps_at(t) for t in (0, 5, 10, 11)] == [0.0, 0.15, 0.3, 0.3]
+    assert [reg.eps_warmup.eps_at(t) for t in (0, 5, 10, 11)] == [0.0, 0.15, 0.3, 0.3]
 
 
 def test_alps_ramps_over_one_epoch_by_default_and_zero_turns_it_off():
-    args = _args([])
-    args.rank = 0
-    assert args.method == 'alps' and args.alps_eps_warmup_epochs == 1.0
-    reg = train_timm.create_regularisation(args, 10, nn.Linear(2, 10), updates_per_epoch=4)
-    assert reg.eps_warmup_updates == 4
-    reg.set_step(0)
-    assert reg.criterion.eps == 0.0
+    config = _config([])
+    assert config.method == 'alps' and config.alps_eps_warmup_epochs == 1.0
+    reg = mixing.create_regularisation(config, 10, nn.Linear(2, 10), updates_per_epoch=4)
+    assert reg.eps_warmup.warmup_updates == 4
+    assert reg.criterion.eps == 0.0  # update 0, before any set_step
     reg.set_step(2)
     assert reg.criterion.eps == 0.15
     reg.set_step(4)
     assert reg.criterion.eps == 0.3
 
-    args = _args(['--alps-eps-warmup-epochs', '0'])  # the paper's ALPS: the full radius from the first update
-    args.rank = 0
-    reg = train_timm.create_regularisation(args, 10, nn.Linear(2, 10), updates_per_epoch=4)
+    config = _config(['--alps-eps-warmup-epochs', '0'])  # the paper's ALPS: the full radius from the first update
+    reg = mixing.create_regularisation(config, 10, nn.Linear(2, 10), updates_per_epoch=4)
     reg.set_step(0)
-    assert reg.eps_warmup_updates == 0 and reg.criterion.eps == 0.3 and reg.mixup_fn.alps_eps == 0.3
+    assert reg.eps_warmup is None and reg.criterion.eps == 0.3 and reg.mixup_fn.alps_eps == 0.3
 
 
 @pytest.mark.parametrize('flags', [['--method', 'erm'], ['--method', 'mixup'], ['--mixup', '0.2'], ['--method', 'ls']])
 def test_other_methods_get_no_ramp_and_accept_an_explicit_zero(flags):
-    assert _args(flags).alps_eps_warmup_epochs == 0.0
-    assert _args(flags + ['--alps-eps-warmup-epochs', '0']).alps_eps_warmup_epochs == 0.0
+    assert _config(flags).alps_eps_warmup_epochs == 0.0
+    assert _config(flags + ['--alps-eps-warmup-epochs', '0']).alps_eps_warmup_epochs == 0.0
 
 
 class _Recorder:
@@ -177,7 +171,7 @@ class _Recorder:
 
 
 def _main(tmp_path, name, flags=()):
-    return train_timm.main(TINY + list(flags) + ['--output', str(tmp_path), '--experiment', name])
+    return train.main(TINY + list(flags) + ['--output', str(tmp_path), '--experiment', name])
 
 
 def test_fused_run_ramps_per_update_and_resumes_exactly(tmp_path, monkeypatch):
@@ -195,7 +189,7 @@ def test_fused_run_ramps_per_update_and_resumes_exactly(tmp_path, monkeypatch):
     again = _Recorder(monkeypatch)
     assert _main(tmp_path, 'cut', ['--resume', 'auto']) == 0
     assert again.loss_eps == RAMP[3:]
-    last = [train_timm.load_training_checkpoint(str(tmp_path / n / 'last.pth.tar')) for n in ('ref', 'cut')]
+    last = [load_training_checkpoint(str(tmp_path / n / 'last.pth.tar')) for n in ('ref', 'cut')]
     assert last[0]['step'] == last[1]['step'] == 8
     for k, v in last[0]['state_dict'].items():
         torch.testing.assert_close(last[1]['state_dict'][k], v, rtol=0, atol=0)

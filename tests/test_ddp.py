@@ -1,4 +1,5 @@
-"""DDP on CPU with gloo: `torchrun --nproc_per_node 2 train_timm.py` matches one process on the same global batch."""
+"""DDP on CPU with gloo: `torchrun --nproc_per_node 2 -m timm_alps.train` (train_timm.py's engine) matches one
+process on the same global batch."""
 import argparse
 import csv
 import os
@@ -27,7 +28,7 @@ def _run(args, nproc=1):
         cmd = torchrun_command(nproc)
     else:
         cmd = [sys.executable]
-    r = subprocess.run(cmd + [os.path.join(REPO, 'train_timm.py')] + args, cwd=REPO, env=env, capture_output=True,
+    r = subprocess.run(cmd + ['-m', 'timm_alps.train'] + args, cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r.stdout + r.stderr

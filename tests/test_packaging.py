@@ -52,3 +52,21 @@ def test_timm_minimum_has_every_api_used():
     assert Mixup and FastCollateMixup and BinaryCrossEntropy and LabelSmoothingCrossEntropy and SoftTargetCrossEntropy
     assert create_optimizer_v2 and list_optimizers and optimizer_kwargs and create_scheduler_v2 and scheduler_kwargs
     assert resolve_data_config
+
+
+def test_console_scripts_point_at_the_engine_and_the_converter():
+    """`pip install timm-alps` users get the training CLI of train_timm.py as `timm-alps-train`."""
+    import importlib
+    scripts = _project()['scripts']
+    for name, target in (('timm-alps-train', 'timm_alps.train.run:console_main'),
+                         ('timm-alps-convert', 'timm_alps.data:main')):
+        assert scripts[name] == target
+        module, func = target.split(':')
+        assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_the_script_is_a_thin_cli_over_the_package():
+    """train_timm.py holds no training code of its own: the engine ships in the wheel (timm_alps.train)."""
+    with open(os.path.join(REPO, 'train_timm.py')) as f:
+        code = [line for line in f if line.strip() and not line.startswith(('#', ' ', '"'))]
+    assert len(code) <= 6, code

@@ -15,9 +15,11 @@ from timm_alps.checkpoint import (
     AtomicCheckpointSaver, CheckpointError, atomic_torch_save, capture_rng_state, check_output_dir,
     find_resume_checkpoint, load_training_checkpoint, restore_rng_state)
 
+from timm_alps import train
+from timm_alps.train import TrainError
+import timm_alps.train.run  # noqa: F401 (train.run.train_one_epoch is patched)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import train_timm  # noqa: E402
 
 # A tiny run: width-4 PreAct ResNet on 256 bundled images, 4 updates per epoch.
 TINY = ['--model', 'preact_resnet18_w16', '--model-kwargs', 'width=4', '--max-train-samples', '256',
@@ -35,7 +37,7 @@ def _metrics(rows):
 
 def _run(args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
-    return subprocess.Popen([sys.executable, os.path.join(REPO, 'train_timm.py')] + args, cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, '-m', 'timm_alps.train'] + args, cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -187,8 +189,8 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(tmp_path):
 
 
 def test_nonfinite_loss_stops_with_clear_message(tmp_path):
-    with pytest.raises(train_timm.TrainError, match=r'non-finite loss at epoch 0, step \d+.*last good checkpoint'):
-        train_timm.main(TINY + ['--epochs', '1', '--lr', '1e30', '--output', str(tmp_path), '--experiment', 'nan',
+    with pytest.raises(TrainError, match=r'non-finite loss at epoch 0, step \d+.*last good checkpoint'):
+        train.main(TINY + ['--epochs', '1', '--lr', '1e30', '--output', str(tmp_path), '--experiment', 'nan',
                                 '--warmup-epochs', '0'])
     assert not (tmp_path / 'nan' / 'last.pth.tar').exists()
 
@@ -206,7 +208,7 @@ def test_nonfinite_skip_policy_keeps_training(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(ALPSTask, 'forward', forward)
-    assert train_timm.main(TINY + ['--epochs', '1', '--output', str(tmp_path), '--experiment', 'skip',
+    assert train.main(TINY + ['--epochs', '1', '--output', str(tmp_path), '--experiment', 'skip',
                                    '--on-nonfinite', 'skip']) == 0
     ckpt = load_training_checkpoint(str(tmp_path / 'skip' / 'last.pth.tar'))
     assert ckpt['step'] == 3  # 4 batches, one skipped
@@ -214,7 +216,7 @@ def test_nonfinite_skip_policy_keeps_training(tmp_path, monkeypatch):
 
 def test_nonfinite_weights_stop_before_saving(tmp_path, monkeypatch):
     """Weights that turn NaN during epoch 1 (with a finite training loss) stop the run; last/model_best keep epoch 0."""
-    original = train_timm.train_one_epoch
+    original = train.run.train_one_epoch
 
     def poisoned(epoch, task, *args, **kwargs):
         metrics = original(epoch, task, *args, **kwargs)
@@ -223,9 +225,9 @@ def test_nonfinite_weights_stop_before_saving(tmp_path, monkeypatch):
                 next(task.get_trainable_module().parameters()).fill_(float('nan'))
         return metrics
 
-    monkeypatch.setattr(train_timm, 'train_one_epoch', poisoned)
-    with pytest.raises(train_timm.TrainError, match=r'non-finite (evaluation|weights).*epoch 1.*last good checkpoint'):
-        train_timm.main(TINY + ['--epochs', '2', '--output', str(tmp_path), '--experiment', 'w'])
+    monkeypatch.setattr(train.run, 'train_one_epoch', poisoned)
+    with pytest.raises(TrainError, match=r'non-finite (evaluation|weights).*epoch 1.*last good checkpoint'):
+        train.main(TINY + ['--epochs', '2', '--output', str(tmp_path), '--experiment', 'w'])
     for name in ('last', 'model_best'):
         assert load_training_checkpoint(str(tmp_path / 'w' / f'{name}.pth.tar'))['epoch'] == 0
 
@@ -233,19 +235,19 @@ def test_nonfinite_weights_stop_before_saving(tmp_path, monkeypatch):
 def test_resume_errors(tmp_path):
     bad = tmp_path / 'bad.pth.tar'
     bad.write_bytes(b'\x00garbage')
-    with pytest.raises(train_timm.TrainError, match='corrupt or truncated'):
-        train_timm.main(TINY + ['--epochs', '1', '--resume', str(bad), '--output', str(tmp_path)])
-    with pytest.raises(train_timm.TrainError, match='no checkpoint at'):
-        train_timm.main(TINY + ['--epochs', '1', '--resume', str(tmp_path / 'missing.pth.tar')])
-    with pytest.raises(train_timm.TrainError, match='needs --experiment'):
-        train_timm.main(TINY + ['--epochs', '1', '--resume', 'auto'])
+    with pytest.raises(TrainError, match='corrupt or truncated'):
+        train.main(TINY + ['--epochs', '1', '--resume', str(bad), '--output', str(tmp_path)])
+    with pytest.raises(TrainError, match='no checkpoint at'):
+        train.main(TINY + ['--epochs', '1', '--resume', str(tmp_path / 'missing.pth.tar')])
+    with pytest.raises(TrainError, match='needs --experiment'):
+        train.main(TINY + ['--epochs', '1', '--resume', 'auto'])
 
 
 def test_existing_output_needs_consent(tmp_path):
     args = TINY + ['--epochs', '1', '--output', str(tmp_path), '--experiment', 'run', '--max-train-samples', '64']
-    assert train_timm.main(args) == 0
+    assert train.main(args) == 0
     before = (tmp_path / 'run' / 'last.pth.tar').stat().st_mtime_ns
-    with pytest.raises(train_timm.TrainError, match='already holds.*--overwrite'):
-        train_timm.main(args)
+    with pytest.raises(TrainError, match='already holds.*--overwrite'):
+        train.main(args)
     assert (tmp_path / 'run' / 'last.pth.tar').stat().st_mtime_ns == before
-    assert train_timm.main(args + ['--overwrite']) == 0
+    assert train.main(args + ['--overwrite']) == 0

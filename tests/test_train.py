@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
+from timm_alps import train
+from timm_alps.train import TrainError
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import train_timm  # noqa: E402
 
 # width-4 PreAct ResNet-18, 256 training / 128 eval images of the bundled subset: ~1-3 s per epoch on one core.
 TINY = ['--model', 'preact_resnet18_w16', '--model-kwargs', 'width=4', '--max-train-samples', '256',
@@ -24,7 +25,7 @@ def _load(path):
 
 @pytest.mark.parametrize('method', ['erm', 'dropout', 'ls', 'mixup', 'alps'])
 def test_one_epoch_per_method(tmp_path, method):
-    assert train_timm.main(TINY + ['--method', method, '--output', str(tmp_path), '--experiment', method]) == 0
+    assert train.main(TINY + ['--method', method, '--output', str(tmp_path), '--experiment', method]) == 0
     out = tmp_path / method
     for name in ('args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar',
                  'curves.png', 'log.txt'):
@@ -57,14 +58,14 @@ def test_one_epoch_per_method(tmp_path, method):
 
     if method in ('erm', 'alps'):
         # args.yaml reproduces the run through timm's -c/--config, to the last digit on CPU
-        assert train_timm.main(['-c', str(out / 'args.yaml'), '--output', str(tmp_path), '--experiment', 'again']) == 0
+        assert train.main(['-c', str(out / 'args.yaml'), '--output', str(tmp_path), '--experiment', 'again']) == 0
         again = list(csv.DictReader(open(tmp_path / 'again' / 'summary.csv')))
         keys = ('train_loss', 'eval_loss', 'eval_top1', 'lr')
         assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]
 
 
 def test_alps_model_label_ema_channels_last(tmp_path):
-    assert train_timm.main(TINY + ['--alps-label', 'model', '--alps-mode', 'pair', '--alps-prob', '0.5',
+    assert train.main(TINY + ['--alps-label', 'model', '--alps-mode', 'pair', '--alps-prob', '0.5',
                                    '--model-ema', '--channels-last', '--output', str(tmp_path),
                                    '--experiment', 'x']) == 0
     ckpt = _load(tmp_path / 'x' / 'last.pth.tar')
@@ -82,7 +83,7 @@ def test_timm_loader_path_on_image_folder(tmp_path):
             for i in range(8):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f'{i}.png')
     for loader in ('timm', 'fast'):
-        assert train_timm.main(['--data-dir', str(tmp_path / 'imgs'),
+        assert train.main(['--data-dir', str(tmp_path / 'imgs'),
                                 '--model', 'preact_resnet18_w16', '--model-kwargs', 'width=4', '-b', '8', '-j', '0',
                                 '--epochs', '1', '--no-progress', '--loader', loader, '--output', str(tmp_path),
                                 '--experiment', loader]) == 0
@@ -110,8 +111,8 @@ def test_timm_loader_path_on_image_folder(tmp_path):
 ])
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, flags, message):
     argv = TINY + ['--experiment', 'bad'] + (['--output', str(tmp_path)] if '--output' not in flags else []) + flags
-    with pytest.raises(train_timm.TrainError, match=message):
-        train_timm.main(argv)
+    with pytest.raises(TrainError, match=message):
+        train.main(argv)
     assert not (tmp_path / 'bad').exists()
 
 
@@ -121,3 +122,8 @@ def test_cli_reports_one_line_and_exit_status_2():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ['train_timm.py: error: --alps-beta takes 2 number(s), got 1: 8.0']
+    # the same CLI from the package (what the timm-alps-train console script runs)
+    r = subprocess.run([sys.executable, '-m', 'timm_alps.train', '--alps-beta', '8'], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ['timm-alps-train: error: --alps-beta takes 2 number(s), got 1: 8.0']

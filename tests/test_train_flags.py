@@ -1,14 +1,10 @@
-"""train_timm.py command lines: every bad flag is rejected before anything is built or written (exit status 2, one
-line naming the flag), -c YAML checks, the flag table's coverage, and the names it accepts."""
-import os
-import sys
-
+"""Training command lines (timm_alps.train, behind train_timm.py): every bad flag is rejected before anything is
+built or written (exit status 2, one line naming the flag), -c YAML checks, the flag table's coverage, and the names
+it accepts."""
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import train_timm  # noqa: E402
+from timm_alps.train import TrainError, config, main, parse_args, resolve_config
 
 # (flags, the text the one-line error must contain: the flag's name and, where useful, the value)
 BAD = [
@@ -106,8 +102,8 @@ BAD = [
 
 def _assert_rejected(tmp_path, flags, expected):
     argv = flags + ['--output', str(tmp_path), '--experiment', 'bad', '--no-progress']
-    with pytest.raises(train_timm.TrainError) as e:
-        train_timm.main(argv)
+    with pytest.raises(TrainError) as e:
+        main(argv)
     message = str(e.value)
     assert e.value.exit_code == 2
     assert expected in message, message
@@ -124,12 +120,12 @@ def test_bad_command_line_is_rejected_up_front(tmp_path, flags, expected):
     ('lr: 0.1\nmomentun: 0.9\n', "unknown key 'momentun'; did you mean 'momentum' (--momentum)?"),
     ('- lr\n- 0.1\n', 'expected a mapping'),
     ('just a string\n', 'expected a mapping'),
-    ('lr: fast\n', "--lr fast: expected a number, got str 'fast'"),
-    ('epochs: 2.5\n', '--epochs 2.5: expected an integer'),
+    ('lr: fast\n', "argument --lr: invalid float value: 'fast'"),
+    ('epochs: 2.5\n', "argument --epochs: invalid int value: '2.5'"),
     ('momentum: .nan\n', '--momentum nan'),
-    ('alps_eps_warmup_epochs: one\n', "--alps-eps-warmup-epochs one: expected a number"),
+    ('alps_eps_warmup_epochs: one\n', "argument --alps-eps-warmup-epochs: invalid float value: 'one'"),
     ('eval_metric: foo\n', "--eval-metric 'foo' is unknown"),
-    ('on_nonfinite: ignore\n', "--on-nonfinite 'ignore': unknown"),
+    ('on_nonfinite: ignore\n', "--on-nonfinite 'ignore' is unknown"),
     ('lr: [0.1\n', 'could not read --config'),
 ])
 def test_bad_config_yaml_is_rejected_up_front(tmp_path, text, expected):
@@ -140,46 +136,50 @@ def test_bad_config_yaml_is_rejected_up_front(tmp_path, text, expected):
 
 def test_every_numeric_flag_has_a_rule():
     """A new numeric flag without a row in FLAG_RULES would go unchecked: fail here instead."""
-    numeric = {a.dest for a in train_timm.parser._actions if a.type in (int, float)}
-    assert numeric - set(train_timm.FLAG_RULES) == set()
-    assert set(train_timm.FLAG_RULES) <= {a.dest for a in train_timm.parser._actions}
+    numeric = {a.dest for a in config.parser._actions if a.type in (int, float)}
+    assert numeric - set(config.FLAG_RULES) == set()
+    assert set(config.FLAG_RULES) <= {a.dest for a in config.parser._actions}
 
 
 def test_named_choices_are_what_timm_builds():
     """Every scheduler name the validator accepts builds with timm's create_scheduler_v2, and the defaults pass."""
     from timm.scheduler import create_scheduler_v2
     opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
-    for name in train_timm.SCHEDULERS:
+    for name in config.SCHEDULERS:
         create_scheduler_v2(opt, sched=name, num_epochs=4, warmup_epochs=1, updates_per_epoch=2)
-    args = train_timm.parse_args([])
-    train_timm.validate_args(args)  # the defaults are valid
-    assert args.method == 'alps' and args.alps_beta == [8.0, 2.0]
+    resolved = resolve_config(parse_args([]))  # the defaults are valid
+    assert resolved.method == 'alps' and resolved.alps_beta == (8.0, 2.0)
 
 
 def test_finished_runs_args_yaml_is_a_valid_config(tmp_path):
     """args.yaml holds derived keys (rank, world_size, ...) besides the flags: -c accepts it."""
     import yaml
-    args = train_timm.parse_args(['--lr', '0.05'])
-    train_timm.validate_args(args)
-    data = dict(vars(args), rank=0, world_size=1, local_rank=0, distributed=False, progress=False, prefetcher=True)
+    resolved = resolve_config(parse_args(['--lr', '0.05']))
+    data = dict(resolved.to_dict(), rank=0, world_size=1, local_rank=0, distributed=False, progress=False,
+                prefetcher=True)
     cfg = tmp_path / 'args.yaml'
     cfg.write_text(yaml.safe_dump(data))
-    again = train_timm.parse_args(['-c', str(cfg)])
-    train_timm.validate_args(again)
-    assert again.lr == 0.05
+    again = resolve_config(parse_args(['-c', str(cfg)]))
+    assert again.lr == 0.05 and again == resolved
 
 
 def test_native_bf16_detection_and_precision_defaults():
-    import argparse
-    args = argparse.Namespace(amp=None, amp_dtype=None, channels_last=None)
-    train_timm.resolve_precision(args, torch.device('cpu'))
-    native = train_timm.cpu_has_native_bf16()
-    assert (args.amp, args.amp_dtype, args.channels_last) == (native, 'bfloat16', native)
-    args = argparse.Namespace(amp=False, amp_dtype=None, channels_last=None)
-    train_timm.resolve_precision(args, torch.device('cpu'))
-    assert (args.amp, args.channels_last) == (False, False)  # --no-amp: fp32, contiguous
+    native = config.cpu_has_native_bf16()
+    assert config.resolve_precision(None, None, None, 'cpu') == (native, 'bfloat16', native)
+    assert config.resolve_precision(False, None, None, 'cpu') == (False, 'bfloat16', False)  # --no-amp: fp32
+    assert config.resolve_precision(None, None, None, 'cuda') == (False, 'float16', False)  # timm's GPU default
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
 def test_cuda_device_without_cuda_is_rejected(tmp_path):
     _assert_rejected(tmp_path, ['--device', 'cuda'], "could not set up device 'cuda'")
+
+
+def test_config_values_read_as_the_command_line_and_the_command_line_wins(tmp_path):
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('lr: 1e-3\nalps_beta: [4, 1]\nmodel_kwargs: {width: 4, name: "a=b"}\namp: false\n'
+                   'interpolation: bicubic\nbce_loss: true\nepochs: 3\n')
+    args = parse_args(['-c', str(cfg), '--epochs', '5'])
+    assert (args.lr, args.alps_beta, args.model_kwargs, args.amp, args.bce_loss, args.epochs) == \
+        (0.001, [4.0, 1.0], {'width': 4, 'name': 'a=b'}, False, True, 5)  # YAML's 1e-3 is a string to YAML 1.1
+    assert parse_args(['-c', str(cfg)]).epochs == 3

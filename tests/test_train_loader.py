@@ -3,14 +3,14 @@ a width-4 PreAct ResNet), plus the hand-over rules between the fast and the timm
 import argparse
 import logging
 import os
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-import train_timm  # noqa: E402
+from timm_alps import train
+from timm_alps.train import TrainError, mixing
+import timm_alps.train.run  # noqa: F401 (train.run.train_one_epoch is patched)
+
 
 TINY = ['--model', 'preact_resnet18_w16', '--model-kwargs', 'width=4', '--max-train-samples', '64',
         '--max-eval-samples', '32', '-b', '16', '--epochs', '1', '--no-progress', '-j', '0']
@@ -24,7 +24,7 @@ def _load(path):
 def _run(tmp_path, flags, name='run', caplog=None):
     if caplog is not None:
         caplog.set_level(logging.INFO, logger='train')
-    assert train_timm.main(TINY + flags + ['--output', str(tmp_path), '--experiment', name]) == 0
+    assert train.main(TINY + flags + ['--output', str(tmp_path), '--experiment', name]) == 0
     return _load(tmp_path / name / 'last.pth.tar')
 
 
@@ -74,8 +74,8 @@ def test_grad_accum_matches_the_big_batch(tmp_path):
     common = ['--model', 'test_vit', '--model-kwargs', 'img_size=32', 'patch_size=8', '--num-classes', '10',
               '--max-train-samples', '64', '--max-eval-samples', '32', '--epochs', '1', '--no-progress', '--no-amp',
               '--method', 'erm', '--output', str(tmp_path)]
-    assert train_timm.main(common + ['-b', '32', '--experiment', 'big']) == 0
-    assert train_timm.main(common + ['-b', '16', '--grad-accum-steps', '2', '--experiment', 'accum']) == 0
+    assert train.main(common + ['-b', '32', '--experiment', 'big']) == 0
+    assert train.main(common + ['-b', '16', '--grad-accum-steps', '2', '--experiment', 'accum']) == 0
     big, accum = _load(tmp_path / 'big' / 'last.pth.tar'), _load(tmp_path / 'accum' / 'last.pth.tar')
     assert big['step'] == accum['step'] == 2
     for k, v in big['state_dict'].items():
@@ -84,14 +84,14 @@ def test_grad_accum_matches_the_big_batch(tmp_path):
 
 def test_off_epochs_stop_mixing_and_label_shift(tmp_path, monkeypatch):
     seen = []
-    original = train_timm.Regularisation.set_epoch
+    original = mixing.Regularisation.set_epoch
 
     def spy(self, epoch, task):
         original(self, epoch, task)
         mixer = self.mixup_fn or self.collate_mixer
         seen.append((epoch, mixer.mixup_enabled, type(task.criterion).__name__))
 
-    monkeypatch.setattr(train_timm.Regularisation, 'set_epoch', spy)
+    monkeypatch.setattr(mixing.Regularisation, 'set_epoch', spy)
     _run(tmp_path, ['--epochs', '2', '--alps-off-epoch', '1'], 'alps')
     assert seen == [(0, True, 'ALPSSoftTargetCrossEntropy'), (1, False, 'SoftTargetCrossEntropy')]
     seen.clear()
@@ -102,11 +102,11 @@ def test_off_epochs_stop_mixing_and_label_shift(tmp_path, monkeypatch):
 def test_fixed_input_size_model(tmp_path, caplog):
     """A ViT that only takes 48x48 images: the fast loader (32x32) refuses naming the flag, auto resizes as timm."""
     vit = ['--model', 'test_vit', '--model-kwargs', 'img_size=48', 'patch_size=16', 'dynamic_img_size=False']
-    with pytest.raises(train_timm.TrainError, match='--img-size.*--loader timm'):
-        train_timm.main(TINY + vit + ['--loader', 'fast', '--output', str(tmp_path), '--experiment', 'fast'])
+    with pytest.raises(TrainError, match='--img-size.*--loader timm'):
+        train.main(TINY + vit + ['--loader', 'fast', '--output', str(tmp_path), '--experiment', 'fast'])
     assert not (tmp_path / 'fast').exists()
     caplog.set_level(logging.INFO, logger='train')
-    assert train_timm.main(TINY + vit + ['--output', str(tmp_path), '--experiment', 'auto']) == 0
+    assert train.main(TINY + vit + ['--output', str(tmp_path), '--experiment', 'auto']) == 0
     assert _loader_kind(caplog) == 'timm'
 
 
@@ -121,7 +121,7 @@ def test_timm_loader_image_folder_subset(tmp_path):
             for i in range(12):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f'{i}.png')
     for loader in ('timm', 'fast'):
-        assert train_timm.main(['--data-dir', str(tmp_path / 'imgs'), '--model', 'preact_resnet18_w16',
+        assert train.main(['--data-dir', str(tmp_path / 'imgs'), '--model', 'preact_resnet18_w16',
                                 '--model-kwargs', 'width=4', '-b', '8', '-j', '0', '--epochs', '1', '--no-progress',
                                 '--loader', loader, '--max-train-samples', '16', '--output', str(tmp_path),
                                 '--experiment', loader]) == 0
@@ -146,7 +146,7 @@ def test_timm_loader_resume_at_epoch_boundary_is_exact(tmp_path, monkeypatch, fl
     import signal
     common = ['--loader', 'timm', '--epochs', '2', '--seed', '5', '-j', '1'] + flags
     _run(tmp_path, common, 'ref')
-    original = train_timm.train_one_epoch
+    original = train.run.train_one_epoch
 
     def stop_after_first(epoch, *a, **k):
         out = original(epoch, *a, **k)
@@ -154,11 +154,11 @@ def test_timm_loader_resume_at_epoch_boundary_is_exact(tmp_path, monkeypatch, fl
             os.kill(os.getpid(), signal.SIGTERM)  # caught by the script: finish the epoch, save, exit 128+15
         return out
 
-    monkeypatch.setattr(train_timm, 'train_one_epoch', stop_after_first)
+    monkeypatch.setattr(train.run, 'train_one_epoch', stop_after_first)
     argv = TINY + common + ['--output', str(tmp_path), '--experiment', 'cut']
-    assert train_timm.main(argv) == 128 + signal.SIGTERM
-    monkeypatch.setattr(train_timm, 'train_one_epoch', original)
-    assert train_timm.main(argv + ['--resume', 'auto']) == 0
+    assert train.main(argv) == 128 + signal.SIGTERM
+    monkeypatch.setattr(train.run, 'train_one_epoch', original)
+    assert train.main(argv + ['--resume', 'auto']) == 0
     rows = [list(csv.DictReader(open(tmp_path / name / 'summary.csv'))) for name in ('ref', 'cut')]
     keys = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'lr')
     assert [[r[k] for k in keys] for r in rows[1]] == [[r[k] for k in keys] for r in rows[0]]

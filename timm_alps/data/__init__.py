@@ -5,7 +5,8 @@
   `_info.json`, read by `timm.data.create_dataset('wds/<name>', root=OUT_DIR, split='train')`. Each sample is a
   PNG image (lossless) plus its class index (`.cls`); samples are shuffled across shards (seeded) by default.
 * `BUNDLED_DATA_DIR`: a class-balanced CIFAR-10 subset (4,000 train / 1,000 test) shipped with the package.
-* `read_info` reads a shard folder's `_info.json`; `default_eval_split` picks the evaluation split of a dataset.
+* `check_shards` walks a split's shards against `_info.json` (missing, truncated, corrupt: `ShardError`);
+  `read_info` reads a shard folder's `_info.json`; `default_eval_split` picks the evaluation split of a dataset.
 * `decode_dataset` turns any dataset of raw (image, label) samples into uint8 N x C x H x W + int64 tensors;
   `load_split_tensors` does it for a shard folder or an npz split; `subset_indices` draws the seeded,
   class-balanced subsets behind `max_samples` (labels without decoding: `split_labels`, `dataset_labels`).
@@ -17,11 +18,13 @@ from pathlib import Path
 from .loader import PADDING_MODES, InMemoryLoader
 from .shards import convert, main
 from .sources import FORMATS
-from .tensors import (EVAL_SPLITS, INFO_FILE, dataset_labels, decode_dataset, default_eval_split, load_split_tensors,
-                      read_info, shard_image_shape, split_labels, subset_indices)
+from .tensors import (EVAL_SPLITS, INFO_FILE, BadShard, ShardError, check_shards, dataset_labels, decode_dataset,
+                      default_eval_split, load_split_tensors, read_info, shard_image_shape, split_labels,
+                      subset_indices)
 
 __all__ = [
-    'BUNDLED_DATA_DIR', 'EVAL_SPLITS', 'FORMATS', 'INFO_FILE', 'PADDING_MODES', 'InMemoryLoader', 'convert',
+    'BUNDLED_DATA_DIR', 'BadShard', 'EVAL_SPLITS', 'FORMATS', 'INFO_FILE', 'PADDING_MODES', 'InMemoryLoader',
+    'ShardError', 'check_shards', 'convert',
     'dataset_labels', 'decode_dataset', 'default_eval_split', 'load_split_tensors', 'main', 'read_info',
     'shard_image_shape', 'split_labels', 'subset_indices',
 ]

@@ -93,6 +93,7 @@ def convert(
         seed: int = 0,
         compress: bool = False,
         shuffle: bool = True,
+        num_classes: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Convert a dataset to webdataset shards (PNG + class index) with timm's `_info.json`.
 
@@ -116,6 +117,9 @@ def convert(
             and many arrays are sorted by class; written in that order, every shard would hold one or two classes,
             and timm's wds reader (shard shuffle + a small sample buffer) would feed class-correlated batches. False
             keeps the source order.
+        num_classes: For an npz without a class-name `.json`: the class count (labels in [0, num_classes)). Without
+            it the classes are the label values 0..max, and a label set where most of those would be empty (e.g.
+            {0, 1000000}) is refused.
 
     Returns:
         The info dict written to `out_dir/_info.json` (timm's split info plus the conversion settings).
@@ -144,10 +148,13 @@ def convert(
     for n in per_split:
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f'per_class values must be positive ints or None, got {per_class!r}')
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 2):
+        raise ValueError(f'num_classes must be an int >= 2, got {num_classes!r}')
     fmt = detect_format(src) if format == 'auto' else format
     if lossless_only and fmt != 'npz':
         raise ValueError(f'lossless_only needs an npz source with lossless_mask_<split> arrays, got format {fmt!r}')
-    data, classes = read_source(src, fmt, splits)
+    data, classes = read_source(src, fmt, splits, num_classes)
 
     if not isinstance(per_class, (list, tuple)):
         per_split = per_split * len(data)
@@ -225,12 +232,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument('--no-shuffle', dest='shuffle', action='store_false',
                         help='keep the source order (by default each split is shuffled across its shards, seeded)')
     parser.add_argument('--compress', action='store_true', help='gzip the shards (.tar.gz)')
+    parser.add_argument('--num-classes', type=int, default=None, metavar='N',
+                        help='npz without a class-name .json: the class count (default: the largest label + 1, '
+                             'refused when most of those classes would be empty)')
     args = parser.parse_args(argv)
     try:
         info = convert(
             args.src, args.out_dir, format=args.format, splits=args.splits, per_class=args.per_class,
             shard_size=args.shard_size, lossless_only=args.lossless_only, name=args.name, seed=args.seed,
-            compress=args.compress, shuffle=args.shuffle)
+            compress=args.compress, shuffle=args.shuffle, num_classes=args.num_classes)
     except (OSError, ValueError) as e:  # the user's input: one line, no traceback
         parser.exit(2, f'{parser.prog}: error: {e}\n')
     for split, s in info['splits'].items():

@@ -95,7 +95,11 @@ def read_npz_split(data, src: Path, split: str, labels_only: bool = False):
     return x, y.astype(np.int64), (None if mask is None else mask.astype(bool))
 
 
-def read_npz(src: Path, splits: Optional[Sequence[str]]) -> Source:
+def read_npz(src: Path, splits: Optional[Sequence[str]], num_classes: Optional[int] = None,
+             sparse_ok: bool = True) -> Source:
+    """An npz's splits and class names: from a sibling .json's "classes", else `num_classes` numbered classes, else
+    one per label value up to the largest. With ``sparse_ok=False`` (the converter) that last guess is refused when
+    most of its classes would hold no sample (labels {0, 1000000} are two classes, not 1,000,001)."""
     if src.suffix != '.npz' or not src.is_file():
         raise ValueError(f'npz format needs an .npz file, got {src}')
     with np.load(src) as data:
@@ -108,8 +112,23 @@ def read_npz(src: Path, splits: Optional[Sequence[str]]) -> Source:
     meta_path = src.with_suffix('.json')
     if meta_path.is_file():
         classes = json.loads(meta_path.read_text()).get('classes')
+    largest = int(max(y.max() for _, y, _ in out.values()))
+    if classes is None and num_classes is not None:
+        if largest >= num_classes:
+            raise ValueError(f'num_classes={num_classes} but {src} has label {largest}; class indices must lie in '
+                             f'[0, num_classes)')
+        classes = [str(c) for c in range(num_classes)]
     if classes is None:
-        classes = [str(c) for c in range(int(max(y.max() for _, y, _ in out.values())) + 1)]
+        classes = [str(c) for c in range(largest + 1)]
+        present = len(np.unique(np.concatenate([y for _, y, _ in out.values()])))
+        if not sparse_ok and 2 * present < len(classes):
+            raise ValueError(f'the labels of {src} take {present} distinct values up to {largest}: as class '
+                             f'indices that is {len(classes)} classes, {len(classes) - present} of them empty. '
+                             f'Relabel to 0..{present - 1}, name the classes in {src.with_suffix(".json").name} '
+                             f'("classes": [...]), or give the class count explicitly (--num-classes N)')
+    elif num_classes is not None and num_classes != len(classes):
+        raise ValueError(f'num_classes={num_classes} but {src.with_suffix(".json").name} names {len(classes)} '
+                         f'classes')
     return out, list(classes)
 
 
@@ -170,10 +189,13 @@ def _read_folder(src: Path, splits: Optional[Sequence[str]]) -> Source:
     return out, classes
 
 
-def read_source(src: Path, fmt: str, splits: Optional[Sequence[str]]) -> Source:
-    """Open the splits of a source of a known format (not 'auto'); see `convert` for the layouts."""
+def read_source(src: Path, fmt: str, splits: Optional[Sequence[str]], num_classes: Optional[int] = None) -> Source:
+    """Open the splits of a source of a known format (not 'auto'); see `convert` for the layouts and `num_classes`."""
     if fmt == 'npz':
-        return read_npz(src, splits)
+        return read_npz(src, splits, num_classes, sparse_ok=False)
+    if num_classes is not None:
+        raise ValueError(f'num_classes applies to npz sources (their classes are label values); the {fmt} format '
+                         f'names its classes')
     if fmt == 'folder':
         if not src.is_dir():
             raise ValueError(f'folder format needs a directory, got {src}')

@@ -10,8 +10,9 @@ import itertools
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from .sources import read_npz, read_npz_split
 
 __all__ = [
     'INFO_FILE', 'EVAL_SPLITS', 'read_info', 'default_eval_split', 'decode_dataset', 'subset_indices',
-    'dataset_labels', 'split_labels', 'load_split_tensors', 'shard_image_shape',
+    'dataset_labels', 'split_labels', 'load_split_tensors', 'shard_image_shape', 'ShardError', 'BadShard',
+    'check_shards',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -371,15 +373,18 @@ def _split_info(root: Path, split: str) -> Dict[str, Any]:
     return info
 
 
-def _shard_samples(root: Path, split_info: Dict[str, Any], read_images: bool = True
-                   ) -> Iterator[Tuple[str, bytes, int]]:
-    """(description, encoded image bytes, label) of each sample of a split, in shard order.
+class ShardError(ValueError):
+    """A shard that is missing, not a tar file, truncated or corrupt; `path` names it."""
 
-    A sample is a run of tar members sharing a key (webdataset's grouping: the member path up to the first dot of its
-    file name). With read_images=False the image bytes are b'' (only the .cls members are read).
-    """
-    for fname in split_info['filenames']:
-        path = root / fname
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f'shard {path} {problem}')
+        self.path = path
+
+
+def _tar_samples(path: Path, read_images: bool) -> Iterator[Tuple[str, bytes, int]]:
+    """(description, encoded image bytes, label) of each sample of one tar shard; a damaged shard raises
+    `ShardError` after the samples that could be read."""
+    try:
         with tarfile.open(path, 'r:*') as tar:
             key, data, label = None, None, None
             for m in itertools.chain(tar, [None]):  # lazily: members are read as the tar is walked
@@ -391,7 +396,7 @@ def _shard_samples(root: Path, split_info: Dict[str, Any], read_images: bool = T
                     k = f'{folder}/{stem}' if folder else stem
                 if key is not None and (m is None or k != key):  # the previous sample is complete
                     if data is None or label is None:
-                        raise ValueError(f'Sample {key} in {path} lacks an image or a .cls entry')
+                        raise ShardError(path, f'is damaged: sample {key} lacks an image or a .cls entry')
                     yield f'sample {key} of {path}', data, label
                     key, data, label = None, None, None
                 if m is None:
@@ -403,9 +408,68 @@ def _shard_samples(root: Path, split_info: Dict[str, Any], read_images: bool = T
                     try:
                         label = int(raw)
                     except ValueError:
-                        raise ValueError(f'{key}.cls in {path} holds {raw[:20]!r}, not a class index') from None
+                        raise ShardError(path, f'has {key}.cls holding {raw[:20]!r}, not a class index') from None
                 elif ext in _IMAGE_EXTS and data is None:
                     data = tar.extractfile(m).read() if read_images else b''
+    except FileNotFoundError:
+        raise ShardError(path, 'is missing') from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:  # not a tar, truncated, bad gzip stream
+        raise ShardError(path, f'is truncated or corrupt ({type(e).__name__}: {e})') from None
+
+
+def _shard_samples(root: Path, split_info: Dict[str, Any], read_images: bool = True,
+                   tolerate_bad_shards: bool = False) -> Iterator[Tuple[str, bytes, int]]:
+    """(description, encoded image bytes, label) of each sample of a split, in shard order.
+
+    A sample is a run of tar members sharing a key (webdataset's grouping: the member path up to the first dot of its
+    file name). With read_images=False the image bytes are b'' (only the .cls members are read). A damaged shard
+    raises `ShardError`, or with `tolerate_bad_shards` ends after its readable samples (as timm's wds reader does).
+    """
+    for fname in split_info['filenames']:
+        try:
+            yield from _tar_samples(root / fname, read_images)
+        except ShardError:
+            if not tolerate_bad_shards:
+                raise
+
+
+class BadShard(NamedTuple):
+    """A shard `check_shards` found damaged: its path, what is wrong, and the samples of it that cannot be read
+    (None when `_info.json` has no per-shard counts)."""
+    path: str
+    problem: str
+    lost: Optional[int]
+
+
+def check_shards(root: PathLike, split: str) -> List[BadShard]:
+    """Walk every shard of a split (tar headers and labels, no image decoding) against its `_info.json`.
+
+    Returns:
+        The missing, unreadable, truncated or short shards (empty when the split is whole).
+
+    Raises:
+        FileNotFoundError / ValueError: no `_info.json`, or the split is not in it.
+    """
+    root = Path(root)
+    split_info = _split_info(root, split)['splits'][split]
+    lengths = split_info.get('shard_lengths') or [None] * len(split_info['filenames'])
+    bad, total = [], 0
+    for fname, expected in zip(split_info['filenames'], lengths):
+        found, problem = 0, None
+        try:
+            for _ in _tar_samples(root / fname, read_images=False):
+                found += 1
+        except ShardError as e:
+            problem = str(e)
+        if problem is None and expected is not None and found != expected:
+            problem = f'shard {root / fname} holds {found} samples, {INFO_FILE} says {expected}'
+        if problem is not None:
+            bad.append(BadShard(str(root / fname), problem, None if expected is None else max(0, expected - found)))
+        total += found
+    if not bad and total != split_info['num_samples']:
+        bad.append(BadShard(str(root), f'{root} split {split!r}: read {total} samples, {INFO_FILE} says '
+                            f"{split_info['num_samples']}", None))
+    return bad
 
 
 def _open_image(data: bytes, where: str) -> Image.Image:
@@ -466,6 +530,7 @@ def load_split_tensors(
         lossless_only: bool = False,
         max_samples: Optional[int] = None,
         seed: int = 0,
+        tolerate_bad_shards: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[List[str]]]:
     """Load one split of a shard folder (from `convert`) or of an npz into memory.
 
@@ -476,6 +541,8 @@ def load_split_tensors(
         max_samples: Keep a seeded, class-balanced random subset of this many samples (`subset_indices`), in
             source order; only those images are decoded. None keeps all.
         seed: Seed of that subset.
+        tolerate_bad_shards: Read the samples of the shards that can be read (a truncated shard: those before the
+            damage) instead of raising `ShardError` (`check_shards` says what is left out).
 
     Returns:
         (uint8 images N x C x H x W, int64 labels N, class names or None when the source has none)
@@ -484,6 +551,7 @@ def load_split_tensors(
         FileNotFoundError: src does not exist, or a folder has no `_info.json`.
         ValueError: Unknown split, invalid `_info.json` / npz arrays, max_samples < 1, a shard count mismatch, or
             images of different sizes (see `decode_dataset`).
+        ShardError: a missing, truncated or corrupt shard (a ValueError naming it).
     """
     src = Path(src)
     if max_samples is not None:
@@ -497,12 +565,17 @@ def load_split_tensors(
         split_info = info['splits'][split]
         n = split_info['num_samples']
         desc = f'{src} split {split!r}'
-        if max_samples is not None and max_samples < n:
+        if tolerate_bad_shards or (max_samples is not None and max_samples < n):
             # one pass keeps every sample's encoded bytes (the whole split was to fit in memory decoded), then only
             # the drawn ones are decoded: a .tar.gz is decompressed once
-            raw = list(_shard_samples(src, split_info))
-            _check_count(src, split, len(raw), n)
-            keep = subset_indices(n, max_samples, seed, labels=[label for _, _, label in raw]).tolist()
+            raw = list(_shard_samples(src, split_info, tolerate_bad_shards=tolerate_bad_shards))
+            if not tolerate_bad_shards:
+                _check_count(src, split, len(raw), n)
+            n = len(raw)
+            if not n:
+                raise ValueError(f'{desc}: no shard could be read')
+            keep = list(range(n)) if max_samples is None or max_samples >= n else \
+                subset_indices(n, max_samples, seed, labels=[label for _, _, label in raw]).tolist()
             x, y = _stack(((raw[i][0], _open_image(raw[i][1], raw[i][0]), raw[i][2]) for i in keep), len(keep),
                           desc)
         else:
@@ -520,18 +593,19 @@ def load_split_tensors(
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y), classes
 
 
-def shard_image_shape(root: PathLike, split: str) -> Tuple[int, int, int]:
+def shard_image_shape(root: PathLike, split: str, tolerate_bad_shards: bool = False) -> Tuple[int, int, int]:
     """(C, H, W) of the first image of a shard folder's split, as `load_split_tensors` would decode it.
 
     Args:
         root: Folder with `_info.json` and shards.
         split: Split name.
+        tolerate_bad_shards: Look past damaged shards (see `load_split_tensors`).
 
     Raises:
         FileNotFoundError / ValueError: As `load_split_tensors`; also when the split holds no image.
     """
     root = Path(root)
     split_info = _split_info(root, split)['splits'][split]
-    for where, data, _ in _shard_samples(root, split_info):
+    for where, data, _ in _shard_samples(root, split_info, tolerate_bad_shards=tolerate_bad_shards):
         return tuple(_image_chw(_open_image(data, where), where).shape)
     raise ValueError(f'{root} split {split!r} holds no sample')
