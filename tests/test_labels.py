@@ -206,10 +206,13 @@ def general_label(logits, target, eps):
     return _sorted_label(logits, target, eps / 2, logits.argmin(1, keepdim=True))
 
 
-def fast_label(logits, target, eps):
-    """The sort-free path alone: (label, rows it leaves to the sort as a numpy mask, k* as numpy)."""
+def fast_label(logits, target, eps, pick_rows=False):
+    """The sort-free path alone: (label, rows it leaves to the sort as a numpy mask, k* as numpy).
+
+    pick_rows=False computes every pass (as on an accelerator); True skips the passes no row needs (as on CPU)."""
     k_star = logits.argmin(1, keepdim=True)
-    label, solved = _structured_label(logits, target, eps / 2, logits.amin(1, keepdim=True), k_star)
+    n_donors = (logits > logits.amin(1, keepdim=True)).sum(1, keepdim=True).to(logits.dtype)
+    label, solved = _structured_label(logits, target, eps / 2, k_star, n_donors, torch.empty_like(logits), pick_rows)
     return label, (~solved).numpy(), k_star.view(-1).numpy()
 
 
@@ -221,10 +224,11 @@ def test_fast_path_equals_general_path(case, eps):
     torch.testing.assert_close(adversarial_label(logits, target, eps), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(adversarial_label(logits.float(), target.float(), eps), expected.float(),
                                rtol=0, atol=2e-6)
-    label, sorted_rows, k_star = fast_label(logits, target, eps)
-    assert torch.equal(torch.from_numpy(k_star), logits.argmin(1))
-    solved = torch.from_numpy(~sorted_rows)
-    torch.testing.assert_close(label[solved], expected[solved], rtol=0, atol=1e-12)
+    for pick_rows in (False, True):
+        label, sorted_rows, k_star = fast_label(logits, target, eps, pick_rows)
+        assert torch.equal(torch.from_numpy(k_star), logits.argmin(1))
+        solved = torch.from_numpy(~sorted_rows)
+        torch.testing.assert_close(label[solved], expected[solved], rtol=0, atol=1e-12)
 
 
 @settings(max_examples=100, deadline=None)

@@ -109,15 +109,17 @@ def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional
 _MAX_FLOAT32_CLASSES = 2 ** 23
 
 
-def _first_argmin(z: torch.Tensor, z_min: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Lowest index of each row's minimum, (B, 1) int64, using `out` as scratch.
+def _first_argmin(z: torch.Tensor, z_min: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lowest index of each row's minimum (B, 1) int64, count of classes tied with the minimum (B, 1)).
 
-    `argmin(dim=1)` is not vectorised on CPU (several times slower than a pass); an equality mask times
-    (index - K), reduced with amin, gives the first minimum in three vectorised passes, ties included.
+    `out` is scratch. `argmin(dim=1)` is not vectorised on CPU (several times slower than a pass); an equality mask
+    times (index - K), reduced with amin, gives the first minimum in three vectorised passes, ties included.
     """
     k = z.shape[1]
+    at_min = torch.eq(z, z_min, out=out)
+    n_min = at_min.sum(dim=1, keepdim=True)
     offsets = torch.arange(-k, 0, device=z.device, dtype=z.dtype)
-    return torch.eq(z, z_min, out=out).mul_(offsets).amin(dim=1, keepdim=True).long().add_(k)
+    return at_min.mul_(offsets).amin(dim=1, keepdim=True).long().add_(k), n_min
 
 
 def _not_before(z: torch.Tensor, special: torch.Tensor, z_s: torch.Tensor, donor: torch.Tensor,
@@ -146,17 +148,17 @@ def _sorted_label(z: torch.Tensor, soft: torch.Tensor, budget: float, k_star: to
     return (soft - take).scatter_add_(1, k_star, take.sum(dim=1, keepdim=True))
 
 
-def _structured_label(z: torch.Tensor, soft: torch.Tensor, budget: float, z_min: torch.Tensor,
-                      k_star: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _structured_label(z: torch.Tensor, soft: torch.Tensor, budget: float, k_star: torch.Tensor, n_donors: torch.Tensor,
+                      buf: torch.Tensor, pick_rows: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The exact label of rows u + a e_i + b e_j without sorting; returns (label, solved (B,) bool).
 
     Rows of another form, and rows whose greedy cut falls strictly inside a run of classes holding u, are not
-    solved: their rows of `label` are not valid and must come from `_sorted_label`. The (B, 2) arithmetic walks
+    solved: their rows of `label` are not valid and must come from `_sorted_label`. The (B, 1) arithmetic walks
     the two "special" classes in greedy order: run_0, special_0, run_1, special_1, last run (runs hold u each).
+    `buf` is a (B, K) scratch tensor. With `pick_rows` (CPU, where reading a mask is free) the passes that no row
+    needs are skipped: the masks when every run is empty (u = 0), the second mask when no cut is past special_0.
     """
     k = z.shape[1]
-    label, buf = torch.empty_like(z), torch.empty_like(z)
-    n_donors = torch.gt(z, z_min, out=buf).sum(dim=1, keepdim=True)
     u = soft.amin(dim=1, keepdim=True)
     # The special classes (the own class, a mixing partner) hold more than u: their count, the highest index, and
     # the other one as (index sum - highest). Rows with fewer than two are padded with classes holding u (exact: a
@@ -171,40 +173,52 @@ def _structured_label(z: torch.Tensor, soft: torch.Tensor, budget: float, z_min:
     swap = (z_s[:, 1:] > z_s[:, :1]) | ((z_s[:, 1:] == z_s[:, :1]) & (specials[:, 1:] < specials[:, :1]))
     order = torch.cat([swap, ~swap], dim=1).long()  # the two in greedy order: (0, 1) or (1, 0)
     specials, z_s = specials.gather(1, order), z_s.gather(1, order)
-    donor = z_s > z_min
-    masks = [_not_before(z, specials[:, m:m + 1], z_s[:, m:m + 1], donor[:, m:m + 1], out)
-             for m, out in enumerate((buf, label))]
-    before = torch.cat([k - mask.sum(dim=1, keepdim=True) for mask in masks], dim=1)  # classes before each
-    donor = donor.to(z.dtype)
-    mass = soft.gather(1, specials) * donor
-    runs = torch.cat([before[:, :1], before[:, 1:] - before[:, :1] - donor[:, :1]], dim=1)
-    ends = (runs * u + mass).cumsum(dim=1)
-    starts = ends - mass
-    last_run = (n_donors - before[:, 1:] - donor[:, 1:]) * u  # donor mass after the second special
-    # The cut is at the first special whose end reaches the budget, if every donor before it fits in the budget.
-    # Past the second special only an empty last run is solved: every donor is then drained.
-    reach = ends >= budget
-    cut = (~reach[:, :1]).long()  # 0 if the first special reaches the budget, else 1
-    start, mass_cut, cut_class = starts.gather(1, cut), mass.gather(1, cut), specials.gather(1, cut)
-    solved = (start <= budget) & (reach[:, 1:] | (last_run <= 0)) & (n_above <= 2)
-    take = (budget - start).clamp(min=0).minimum(mass_cut)
-    moved = (ends[:, 1:] + last_run).clamp(max=budget)
-    # label = the row without every class before the cut (the cut's mask), minus the remainder at the cut; all of
-    # it to k*.
-    cut_f = cut.to(z.dtype)
-    label = masks[1].mul_(cut_f).add_(masks[0].mul_(1 - cut_f)).mul_(soft)
+    donor = z_s > z.gather(1, k_star)
+    donor_f = donor.to(z.dtype)
+    mass = soft.gather(1, specials) * donor_f
+    no_runs = pick_rows and not bool(u.any())  # every run holds 0: no class outside the specials gives anything
+
+    # Special_0: the classes before it (its mask, kept in buf), and whether the budget reaches past it.
+    if no_runs:
+        before_0, mask_0 = torch.zeros_like(u), None
+    else:
+        mask_0 = _not_before(z, specials[:, :1], z_s[:, :1], donor[:, :1], out=buf)
+        before_0 = k - mask_0.sum(dim=1, keepdim=True)
+    past_0 = before_0 * u + mass[:, :1] < budget  # the cut is at special_1 or beyond
+    # The cut special's mask is the label's mask: every class before the cut is drained.
+    if no_runs:
+        before_1 = torch.zeros_like(u)
+        label = soft.clone().scatter_add_(1, specials[:, :1], -(past_0 * mass[:, :1]))
+    elif pick_rows and not bool(past_0.any()):
+        before_1, label = before_0, mask_0.mul_(soft)
+    else:
+        cut = past_0.long()
+        mask = _not_before(z, specials.gather(1, cut), z_s.gather(1, cut), donor.gather(1, cut),
+                           out=torch.empty_like(z))
+        before_1 = k - mask.sum(dim=1, keepdim=True)  # where past_0; elsewhere the count of special_0 again
+        label = mask.mul_(soft)
+    start_1 = before_1 * u + mass[:, :1] - donor_f[:, :1] * u  # run_0, special_0 and run_1 drained
+    end_1 = start_1 + mass[:, 1:]
+    last_run = (n_donors - before_1 - donor_f[:, 1:]) * u  # donor mass after special_1
+    start = torch.where(past_0, start_1, before_0 * u)
+    cut_class = torch.where(past_0, specials[:, 1:], specials[:, :1])
+    # Solved: every donor before the cut fits in the budget, and the budget ends at the cut, or (past special_1)
+    # nothing is left after it.
+    solved = (start <= budget) & (~past_0 | (end_1 >= budget) | (last_run <= 0)) & (n_above <= 2)
+    take = (budget - start).clamp(min=0).minimum(torch.where(past_0, mass[:, 1:], mass[:, :1]))
+    moved = torch.where(past_0, (end_1 + last_run).clamp(max=budget), torch.full_like(u, budget))
     label.scatter_add_(1, cut_class, -take).scatter_add_(1, k_star, moved)
     return label, solved.view(-1)
 
 
-def _soft_label(z: torch.Tensor, soft: torch.Tensor, budget: float, z_min: torch.Tensor, k_star: torch.Tensor,
-                pick_rows: bool) -> torch.Tensor:
+def _soft_label(z: torch.Tensor, soft: torch.Tensor, budget: float, k_star: torch.Tensor, n_donors: torch.Tensor,
+                buf: torch.Tensor, pick_rows: bool) -> torch.Tensor:
     """The adversarial label of (B, K) rows: the sort-free path, the sort for the rows it leaves.
 
     `pick_rows` (where reading a mask is free, on CPU) sorts only those rows; otherwise every row is sorted and
     `torch.where` picks, which costs no host sync.
     """
-    label, solved = _structured_label(z, soft, budget, z_min, k_star)
+    label, solved = _structured_label(z, soft, budget, k_star, n_donors, buf, pick_rows)
     if pick_rows:
         if not bool(solved.all()):
             rows = (~solved).nonzero().view(-1)
@@ -236,18 +250,18 @@ def label_from_checked(scores: torch.Tensor, target: torch.Tensor, eps: float) -
     if z.device.type == 'cpu' and not bool(finite.all()):
         raise ValueError('logits contain NaN or inf: the least likely class is undefined (check the model/loss scale)')
     budget = eps / 2
-    label = torch.empty_like(z)
-    k_star = _first_argmin(z, z_min, out=label)
+    buf = torch.empty_like(z)
+    k_star, n_min = _first_argmin(z, z_min, out=buf)
     if target.ndim == 1:  # class indices: Theorem 1
         index = target.to(z.device, torch.long).view(-1, 1)
-        label.zero_().scatter_(1, index, 1.0)
+        label = buf.zero_().scatter_(1, index, 1.0)
         if budget > 0:
             moved = (k_star != index).to(z.dtype) * budget
             label.scatter_add_(1, index, -moved).scatter_add_(1, k_star, moved)
     else:
         soft = target.detach().to(device=z.device, dtype=z.dtype)
         if budget > 0 and z.shape[0]:
-            label = _soft_label(z, soft, budget, z_min, k_star, pick_rows=z.device.type == 'cpu')
+            label = _soft_label(z, soft, budget, k_star, z.shape[1] - n_min, buf, pick_rows=z.device.type == 'cpu')
         else:
             label = soft.clone()
     # On an accelerator rows with non-finite logits become NaN (the loss is NaN and the training loop stops) instead
