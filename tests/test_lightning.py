@@ -3,6 +3,7 @@ loss works as the criterion of timm's tasks (timm's train.py hands its train los
 import importlib.util
 from pathlib import Path
 
+import lightning as L
 import pytest
 import timm
 import torch
@@ -10,8 +11,6 @@ import torch.nn.functional as F
 from timm.task import ClassificationTask, LogitDistillationTask
 
 from timm_alps import ALPSMixup, EpsWarmup, adversarial_label
-
-L = pytest.importorskip('lightning')  # in the test extra; skipped only where it is not installed
 
 EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'lightning_alps.py'
 
