@@ -91,28 +91,49 @@ def synthetic_data(num_samples: int, num_classes: int = 10, image_size: int = 32
     return TensorDataset(x, y)
 
 
-def train_loader(dataset: TensorDataset, batch_size: int, seed: int = 0) -> DataLoader:
-    """Shuffled batches whose order is a function of (seed, epoch): Lightning calls the sampler's set_epoch, so a
-    resumed run sees the same order as an uninterrupted one (a RandomSampler would draw from the global RNG)."""
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True)
+class SyntheticData(L.LightningDataModule):
+    """Synthetic train/val sets; the training order is resumable.
+
+    The sampler has `set_epoch` (Lightning calls it every epoch), so the order is a function of (seed, epoch) and a
+    resumed run sees the order an uninterrupted one would; a `DataLoader(shuffle=True)` draws it from the global
+    RNG, which a checkpoint does not hold. Built in `train_dataloader`, after Lightning has started DDP, so each rank
+    gets its own share.
+    """
+
+    def __init__(self, num_samples: int = 2048, batch_size: int = 64, seed: int = 0):
+        super().__init__()
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+
+    def setup(self, stage: str) -> None:
+        self.train_set = synthetic_data(self.num_samples, seed=self.seed)
+        self.val_set = synthetic_data(512, seed=self.seed + 1)
+
+    def train_dataloader(self) -> DataLoader:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        sampler = DistributedSampler(self.train_set, num_replicas=None if distributed else 1,
+                                     rank=None if distributed else 0, shuffle=True, seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--epochs', type=int, default=3)
-    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--batch-size', type=int, default=64, help='per device')
     parser.add_argument('--samples', type=int, default=2048)
+    parser.add_argument('--devices', type=int, default=1)
     parser.add_argument('--precision', default='bf16-mixed')
     parser.add_argument('--ckpt-path', default=None, help='resume from this Lightning checkpoint')
     args = parser.parse_args()
 
     L.seed_everything(0)
-    train_set, val_set = synthetic_data(args.samples, seed=0), synthetic_data(512, seed=1)
-    loader = train_loader(train_set, args.batch_size)
-    model = ALPSClassifier(eps_warmup_updates=len(loader))  # the radius ramps in over the first epoch
-    trainer = L.Trainer(max_epochs=args.epochs, precision=args.precision, log_every_n_steps=10)
-    trainer.fit(model, loader, DataLoader(val_set, batch_size=256), ckpt_path=args.ckpt_path)
+    data = SyntheticData(args.samples, args.batch_size)
+    updates_per_epoch = args.samples // (args.batch_size * args.devices)
+    model = ALPSClassifier(eps_warmup_updates=updates_per_epoch)  # the radius ramps in over the first epoch
+    trainer = L.Trainer(max_epochs=args.epochs, devices=args.devices, precision=args.precision, log_every_n_steps=10)
+    trainer.fit(model, datamodule=data, ckpt_path=args.ckpt_path)
 
 
 if __name__ == '__main__':

@@ -25,12 +25,12 @@ def _example():
 def _fit(example, epochs, tmp_path, ckpt_path=None, save_to=None):
     """Train the example's module on 64 synthetic images (4 updates an epoch), bf16-mixed on CPU."""
     torch.manual_seed(0)  # the same initial weights in every run (a resumed run loads them from the checkpoint)
-    loader = example.train_loader(example.synthetic_data(64, seed=0), batch_size=16)
+    data = example.SyntheticData(num_samples=64, batch_size=16)
     model = example.ALPSClassifier(eps_warmup_updates=6)  # the ramp spans the checkpoint (after 4 updates)
     trainer = L.Trainer(max_epochs=epochs, precision='bf16-mixed', accelerator='cpu', devices=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
-    trainer.fit(model, loader, ckpt_path=ckpt_path)
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     if save_to is not None:
         trainer.save_checkpoint(save_to)
     return model, trainer
