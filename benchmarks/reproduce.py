@@ -945,8 +945,16 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
     Returns:
         The path of the markdown table.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     records = [collect(r, preset) for r in runs]
+    lost = _runs_the_folder_would_lose(out_dir, records, runs, sweep)
+    if lost:
+        # The runs behind the committed rows are not on this machine (e.g. a fresh clone): rewriting the folder
+        # from what is here would drop those rows. Write next to it instead.
+        partial = out_dir.with_name(out_dir.name + '-partial')
+        print(f'[reproduce] {out_dir} holds finished runs that are not in this runs folder ({", ".join(lost[:4])}'
+              f'{", ..." if len(lost) > 4 else ""}): it is left as it is, and these results go to {partial}')
+        out_dir = partial
+    out_dir.mkdir(parents=True, exist_ok=True)
     metrics = table_metrics(preset['eval'])
     rows = aggregate(records, preset['seeds'], metrics)
     rows.sort(key=lambda r: (r['group'], METHODS.index(r['method']), r.get('alps', {}).get('alps_eps', 0),
@@ -965,6 +973,19 @@ def write_results(preset: Dict[str, Any], runs: Sequence[Run], out_dir: Path, in
     write_commands(records, runs, preset, out_dir / names['commands_md'], invocation, data)
     write_environment(out_dir / 'environment.json')
     return out_dir / f'{stem}.md'
+
+
+def _runs_the_folder_would_lose(out_dir: Path, records: Sequence[Dict[str, Any]], runs: Sequence[Run],
+                                sweep: Optional[str]) -> List[str]:
+    """Runs recorded as finished in out_dir's runs.csv that are not finished among `records`."""
+    stem = f'sweep-{parse_sweep(sweep)[0]}-runs.csv' if sweep else 'runs.csv'
+    path = out_dir / stem
+    if not path.is_file():
+        return []
+    with open(path, newline='') as f:
+        recorded = {(r['group'], r['run']) for r in csv.DictReader(f) if r.get('status') == 'finished'}
+    here = {(r['group'], run.name) for r, run in zip(records, runs) if r['status'] == 'finished'}
+    return sorted(f'{group}/{run}' for group, run in recorded - here)
 
 
 def write_table_csv(rows: Sequence[Dict[str, Any]], metrics: Sequence[str], path: Path) -> None:

@@ -268,6 +268,13 @@ def test_smoke_preset_end_to_end(tmp_path):
              for e in (json.loads((run.dir / 'eval.json').read_text()) for run in pair)]
     assert max(start for start, _ in spans) < min(end for _, end in spans), spans
 
+    # a runs folder without these runs (a fresh clone) never rewrites the results that hold their rows
+    committed = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert R.main(['--preset', 'smoke', '--runs-dir', str(tmp_path / 'elsewhere'), '--results-dir', str(results_dir),
+                   '--report-only']) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == committed
+    assert (results_dir / 'smoke-partial' / 'table.md').is_file()
+
 
 def test_paper_numbers_agree_with_the_robustness_benchmark():
     robustness = pytest.importorskip('benchmarks.robustness')

@@ -209,7 +209,7 @@ _flag(group, '--alps-off-epoch', type=int, default=0, metavar='N',
              help='from epoch N on, no ALPS (no input mixing, no label shift); 0: never (default)', range=Range(0))
 _flag(group, '--alps-eps-warmup-epochs', type=float, default=None, metavar='E',
              help='ramp the ALPS radius linearly from 0 to --alps-eps over the first E epochs (per optimizer '
-                  'update; removes the ALPS start stall, see the README); 0: off, the paper\'s ALPS '
+                  'update, with timm_alps.EpsWarmup; removes the ALPS start stall); 0: off, the paper\'s ALPS '
                   '(default: 1 with --method alps)', range=_NONNEG)
 _flag(group, '--no-aug', action='store_true', default=False, help='no augmentation')
 _flag(group, '--hflip', type=float, default=0.5, help='horizontal flip probability', range=_PROB)
