@@ -21,7 +21,7 @@ protocol with eps in normalised-input units. Results are cached per run (`eval.j
 `--time-budget` stops launching runs (and with `--stop-at-budget` interrupts the ones in progress, which checkpoint
 and resume on the next call).
 
-    python -m benchmarks.reproduce --preset cpu-converged --jobs 2 --threads 1   # issue 14: converged CPU runs
+    python -m benchmarks.reproduce --preset cpu-converged --jobs 2 --threads 1   # converged CPU runs
 
 `<results-dir>/<preset>/` gets `table.md` / `table.csv` (mean +- std over seeds beside the paper's numbers, missing
 runs marked), `curves.png` (test error and train loss per epoch), `eps.png` (white-box PGD error against eps),
@@ -62,7 +62,7 @@ METHOD_ARGS: Dict[str, List[str]] = {
     'mixup': ['--method', 'mixup', '--mixup', '1.0'],
     # the paper's ALPS (no eps ramp); eps / Beta come from the preset (alps_eps, alps_beta)
     'alps': ['--method', 'alps', '--alps-eps-warmup-epochs', '0'],
-    # issue 14 section 2: eps ramped in from 0 over the first epoch, the ALPS-native remedy for the start stall and
+    # eps ramped in from 0 over the first epoch, the ALPS-native remedy for the start stall and
     # train_timm.py's default since it showed no cost at convergence (benchmarks/results/cpu-converged/)
     'alps-ramp': ['--method', 'alps', '--alps-eps-warmup-epochs', '1'],
 }
@@ -116,8 +116,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                     'over 60 epochs (--epochs to change), a 1-epoch linear LR warm-up per update for every method '
                     '(ALPS stalls at LR 0.1 from step 0 at some seeds, see results/cpu-alps-warmup); ERM, MixUp '
                     '(alpha 1), ALPS (Beta(8, 2), '
-                    'eps 0.3) and ALPS with eps ramped in over the first epoch (the start-stall remedy, issue 14 '
-                    'section 2) x 2 seeds, label smoothing and Dropout with --methods',
+                    'eps 0.3) and ALPS with eps ramped in over the first epoch (the start-stall remedy) x 2 seeds, '
+                    'label smoothing and Dropout with --methods',
         data={'cifar10': '../shared/data/cifar10.npz'},
         models=('preact_resnet18_w16',), optional_models=('preact_resnet18_w32',),
         methods=('erm', 'mixup', 'alps', 'alps-ramp'),
