@@ -193,8 +193,7 @@ def _structured_label(z: torch.Tensor, soft: torch.Tensor, budget: float, k_star
         before_1, label = before_0, mask_0.mul_(soft)
     else:
         cut = past_0.long()
-        mask = _not_before(z, specials.gather(1, cut), z_s.gather(1, cut), donor.gather(1, cut),
-                           out=torch.empty_like(z))
+        mask = _not_before(z, specials.gather(1, cut), z_s.gather(1, cut), donor.gather(1, cut), out=buf)
         before_1 = k - mask.sum(dim=1, keepdim=True)  # where past_0; elsewhere the count of special_0 again
         label = mask.mul_(soft)
     start_1 = before_1 * u + mass[:, :1] - donor_f[:, :1] * u  # run_0, special_0 and run_1 drained
