@@ -601,7 +601,7 @@ def collect(run: Run, preset: Dict[str, Any]) -> Dict[str, Any]:
     a, b = run.alps.get('alps_beta', ('', ''))
     rec = dict(group=run.group, dataset=run.dataset, model=run.model, method=run.method, tag=run.tag, seed=run.seed,
                run=run.name, alps_eps=run.alps.get('alps_eps', ''), alps_beta=f'{a:g} {b:g}' if run.alps else '',
-               status=status, epochs_done=len(summary), command=shlex.join(meta['command']) if meta else '',
+               status=status, epochs=preset['epochs'], epochs_done=len(summary), command=shlex.join(meta['command']) if meta else '',
                train_seconds=round(sum(s['seconds'] or 0 for s in meta.get('slices', ()))),
                machine='; '.join(dict.fromkeys(s['machine'] for s in meta.get('slices', ()) if s.get('machine'))),
                invocations=list(dict.fromkeys(s['invocation'] for s in meta.get('slices', ()) if s.get('invocation'))),
@@ -700,7 +700,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f'{e}; or pass --no-eval') from e
         prepared = {d: prepare_data(s, d, runs_dir, args.dry_run or args.report_only) for d, s in data.items()}
         paths = report.result_paths(results, args.sweep and parse_sweep(args.sweep)[0])
-        committed = report.read_runs_csv(paths['runs_csv'])  # refuses a file it cannot keep every row of
+        committed = report.read_runs_csv(paths['runs_csv'], preset['epochs'])  # refuses one it cannot keep
     except (FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
         print(f'reproduce: error: {e}', file=sys.stderr)
         return 2

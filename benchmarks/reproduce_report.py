@@ -25,7 +25,7 @@ METRIC_LABELS = {'clean': 'clean', 'white-box/fgsm': 'FGSM white', 'white-box/pg
                  'white-box/fgsm@norm': 'FGSM white (eps norm.)', 'white-box/pgd@norm': 'PGD-10 white (eps norm.)',
                  'black-box/fgsm@norm': 'FGSM black (eps norm.)', 'black-box/pgd@norm': 'PGD-10 black (eps norm.)'}
 # runs.csv columns besides the metrics (columns named 'clean', 'white-box/...', 'black-box/...')
-HEAD = ('group', 'dataset', 'model', 'method', 'tag', 'alps_eps', 'alps_beta', 'seed', 'run', 'status',
+HEAD = ('group', 'dataset', 'model', 'method', 'tag', 'alps_eps', 'alps_beta', 'seed', 'run', 'status', 'epochs',
         'epochs_done', 'train_seconds', 'train_img_per_sec', 'eval_seconds')
 TAIL = ('unbounded_accuracy', 'gradient_masking_suspected', 'autoattack_flags', 'eps_normalised_pixels',
         'black_source', 'pgd_curve', 'curve', 'machine', 'command', 'invocations')
@@ -45,11 +45,12 @@ def result_paths(out_dir: Path, sweep_name: Optional[str] = None) -> Dict[str, P
                 runs_csv=out_dir / f'{runs}runs.csv', commands_md=out_dir / f'{runs}commands.md')
 
 
-def read_runs_csv(path: Path) -> List[Dict[str, Any]]:
+def read_runs_csv(path: Path, epochs: Optional[int] = None) -> List[Dict[str, Any]]:
     """The records of a runs.csv (empty when absent); numbers as floats, empty cells left out.
 
     Raises:
-        ValueError: a runs.csv without per-run metrics (an earlier format): rewriting its folder would lose them.
+        ValueError: a runs.csv without per-run metrics (an earlier format): rewriting its folder would lose them;
+            or one of runs of another epoch budget than `epochs` (one table is one recipe).
     """
     if not path.is_file():
         return []
@@ -69,13 +70,17 @@ def read_runs_csv(path: Path) -> List[Dict[str, Any]]:
             elif is_metric(key) or key in ('unbounded_accuracy', 'eps_normalised_pixels', 'eval_seconds',
                                            'alps_eps', 'train_seconds', 'train_img_per_sec'):
                 rec[key] = float(value)
-            elif key in ('seed', 'epochs_done'):
+            elif key in ('seed', 'epochs', 'epochs_done'):
                 rec[key] = int(value)
             elif key == 'gradient_masking_suspected':
                 rec[key] = value == 'True'
             else:
                 rec[key] = value
         records.append(rec)
+    other = sorted({r.get('epochs', 0) for r in records} - {epochs}) if epochs is not None else []
+    if other:
+        raise ValueError(f'{path} records runs of {", ".join(map(str, other))} epochs, not {epochs}: pass another '
+                         f'--results-dir (one table is one recipe)')
     return records
 
 

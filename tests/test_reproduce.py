@@ -343,7 +343,7 @@ def test_eps_table_averages_seeds():
 
 def _record(run, method, seed, status='finished', **metrics):
     return dict(group='cifar10-preact_resnet18_w16', dataset='cifar10', model='preact_resnet18_w16', method=method,
-                tag='', seed=seed, run=run, status=status, epochs_done=1, command=f'python train_timm.py --seed {seed}',
+                tag='', seed=seed, run=run, status=status, epochs=1, epochs_done=1, command=f'python train_timm.py --seed {seed}',
                 invocations=['python -m benchmarks.reproduce --preset smoke'], machine='CPU test', **metrics)
 
 
@@ -394,6 +394,17 @@ def test_report_only_on_a_fresh_machine_keeps_the_committed_rows(tmp_path):
     rows = {r['run']: r for r in report.read_runs_csv(paths['runs_csv'])}
     assert rows['erm-s0']['clean'] == 10.0 and rows['alps-s0']['clean'] == 9.0 and rows['ls-s0']['status'] == 'missing'
     assert '| ERM | 1/1 | 10.00' in paths['md'].read_text() and not (tmp_path / 'runs').exists()
+
+
+def test_a_table_of_another_epoch_budget_is_not_mixed_in(tmp_path, capsys):
+    paths = report.result_paths(tmp_path / 'smoke')
+    paths['dir'].mkdir()
+    report.write_runs_csv([_record('erm-s0', 'erm', 0, clean=10.0)], paths['runs_csv'])
+    before = paths['runs_csv'].read_text()
+    assert R.main(['--preset', 'smoke', '--epochs', '2', '--report-only', '--results-dir', str(tmp_path),
+                   '--runs-dir', str(tmp_path / 'runs')]) == 2
+    assert 'records runs of 1 epochs, not 2' in capsys.readouterr().err
+    assert paths['runs_csv'].read_text() == before
 
 
 def test_a_runs_csv_of_the_earlier_format_is_refused(tmp_path, capsys):
