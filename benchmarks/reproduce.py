@@ -25,10 +25,8 @@ import hashlib
 import json
 import math
 import os
-import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -302,7 +300,8 @@ def prepare_data(source: str, dataset: str, runs_dir: Path, dry_run: bool = Fals
     if not (out / '_info.json').is_file() and not dry_run:
         if not src.exists():
             raise FileNotFoundError(f'{dataset} data {str(src)!r} does not exist; pass --data PATH (an .npz with '
-                                    f'x_train/y_train/x_test/y_test, or a shard folder from `python -m timm_alps.data`)')
+                                    f'x_train/y_train/x_test/y_test, or a shard folder from '
+                                    f'`python -m timm_alps.data`)')
         print(f'[reproduce] converting {src} -> {out}', flush=True)
         subprocess.run(cmd, check=True, cwd=REPO)
     return str(out), f'wds/{dataset}', cmd
@@ -601,7 +600,8 @@ def collect(run: Run, preset: Dict[str, Any]) -> Dict[str, Any]:
     a, b = run.alps.get('alps_beta', ('', ''))
     rec = dict(group=run.group, dataset=run.dataset, model=run.model, method=run.method, tag=run.tag, seed=run.seed,
                run=run.name, alps_eps=run.alps.get('alps_eps', ''), alps_beta=f'{a:g} {b:g}' if run.alps else '',
-               status=status, epochs=preset['epochs'], epochs_done=len(summary), command=shlex.join(meta['command']) if meta else '',
+               status=status, epochs=preset['epochs'], epochs_done=len(summary),
+               command=shlex.join(meta['command']) if meta else '',
                train_seconds=round(sum(s['seconds'] or 0 for s in meta.get('slices', ()))),
                machine='; '.join(dict.fromkeys(s['machine'] for s in meta.get('slices', ()) if s.get('machine'))),
                invocations=list(dict.fromkeys(s['invocation'] for s in meta.get('slices', ()) if s.get('invocation'))),
@@ -723,6 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         queue = sorted(runs, key=lambda r: run_status(r, preset) != 'partial')  # finish what was started first
         pool = ProcessPoolExecutor(args.jobs, multiprocessing.get_context('spawn'), _init_worker, (args.threads,))
         old = {s: signal.signal(s, _stop_workers) for s in (signal.SIGINT, signal.SIGTERM)}
+        finished = False
         try:
             futures = {pool.submit(train_and_evaluate, run, train_command(run, preset, *prepared[run.dataset][:2]),
                                    preset, None if args.no_eval else sources[run.dataset], deadline,
@@ -730,22 +731,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for fut in as_completed(futures):
                 try:
                     failures += fut.result() != 'finished'
-                except ValueError as e:
+                except ValueError as e:  # a run folder of another recipe: the user decides
                     print(f'reproduce: error: {e}', file=sys.stderr)
                     return 2
-            pool.shutdown()
+                except Exception as e:  # one failed evaluation does not cost the others their report
+                    print(f'[reproduce] {futures[fut].name} failed: {type(e).__name__}: {e}', flush=True)
+                    failures += 1
+            pool.shutdown()  # the workers' memory back before the black-box attacks
             if not args.no_eval:
                 if args.threads:
                     import torch
                     torch.set_num_threads(args.threads)
                 evaluate_black_box(runs, preset, sources)
+            finished = True
         except KeyboardInterrupt:
-            # each worker forwards one SIGINT to its training run (it checkpoints); then write what exists
             print('[reproduce] interrupted: waiting for the runs in progress to checkpoint', flush=True)
-            for proc in multiprocessing.active_children():
-                os.kill(proc.pid, signal.SIGINT)
             failures += 1
         finally:
+            if not finished:  # each worker forwards one SIGINT to its training run, which checkpoints and exits
+                for proc in multiprocessing.active_children():
+                    os.kill(proc.pid, signal.SIGINT)
             pool.shutdown(cancel_futures=True)
             for s, handler in old.items():
                 signal.signal(s, handler)

@@ -10,7 +10,6 @@ import csv
 import json
 import math
 import re
-import shlex
 import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -183,7 +182,8 @@ def goal_checks(rows: Sequence[Dict[str, Any]], samples: Optional[Dict[str, int]
                 return
             a, b = statistics.mean(va), statistics.mean(vb)
             ok = a < b if strict else a <= b
-            line = f'- {group}: {text}: **{"yes" if ok else "NO"}** ({a:.2f} {("<" if strict else "<=") if ok else "vs"} {b:.2f}'
+            relation = ('<' if strict else '<=') if ok else 'vs'
+            line = f'- {group}: {text}: **{"yes" if ok else "NO"}** ({a:.2f} {relation} {b:.2f}'
             n = (samples or {}).get(metric)
             if n:
                 var = 1e4 * ((a / 100) * (1 - a / 100) + (b / 100) * (1 - b / 100)) / n

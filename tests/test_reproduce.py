@@ -343,7 +343,8 @@ def test_eps_table_averages_seeds():
 
 def _record(run, method, seed, status='finished', **metrics):
     return dict(group='cifar10-preact_resnet18_w16', dataset='cifar10', model='preact_resnet18_w16', method=method,
-                tag='', seed=seed, run=run, status=status, epochs=1, epochs_done=1, command=f'python train_timm.py --seed {seed}',
+                tag='', seed=seed, run=run, status=status, epochs=1, epochs_done=1,
+                command=f'python train_timm.py --seed {seed}',
                 invocations=['python -m benchmarks.reproduce --preset smoke'], machine='CPU test', **metrics)
 
 
@@ -375,7 +376,8 @@ def test_table_is_regenerated_from_runs_csv_and_keeps_rows_whose_runs_are_gone(t
     preset = R.get_preset('smoke')
     report.write_results(merged, preset, paths, 'python -m benchmarks.reproduce --preset smoke', {'cifar10': 'x'})
     table = paths['md'].read_text()
-    for label in ('| ERM | 1/1 | 10.00', '| Label smoothing | 1/1 | 11.00', '| MixUp | 1/1 | 9.50', '| ALPS | 1/1 | 9.00'):
+    for label in ('| ERM | 1/1 | 10.00', '| Label smoothing | 1/1 | 11.00', '| MixUp | 1/1 | 9.50',
+                  '| ALPS | 1/1 | 9.00'):
         assert label in table, label
     assert 'ALPS clean error <= MixUp: **yes** (9.00 <= 9.50' in table
     assert 'not recorded in runs.csv for cifar10-preact_resnet18_w16: erm-s0, ls-s0, mixup-s0' in table
