@@ -188,23 +188,21 @@ def parse_sweep(spec: str) -> Tuple[str, List[Tuple[str, Dict[str, Any]]]]:
     out = []
     for v in items:
         try:
-            if name == 'eps':
-                eps = float(v)
-                if not 0 < eps <= 2:
-                    raise ValueError(f'--sweep eps values must lie in (0, 2] (the L1 radius), got {v}')
-                out.append((f'eps{eps:g}', {'alps_eps': eps}))
-                continue
-            if ':' in v:
-                a, b = (float(t) for t in v.split(':', 1))
-            elif not 0.5 < float(v) < 1:
+            nums = [float(t) for t in v.split(':')]
+        except ValueError:
+            raise ValueError(f'--sweep {name}: {v!r} is not a number (or, for beta, a:b)') from None
+        if name == 'eps':
+            if len(nums) != 1 or not 0 < nums[0] <= 2:
+                raise ValueError(f'--sweep eps values must lie in (0, 2] (the L1 radius), got {v}')
+            out.append((f'eps{nums[0]:g}', {'alps_eps': nums[0]}))
+            continue
+        if len(nums) == 1:
+            if not 0.5 < nums[0] < 1:
                 raise ValueError(f'--sweep beta mode must lie in (0.5, 1), got {v}; or give a:b pairs such as 8:2')
-            else:
-                a, b = 1.0 / (1.0 - float(v)), 2.0  # the mode of Beta(a, 2) is (a - 1) / a
-        except ValueError as e:
-            raise ValueError(f'--sweep {name}: {v!r} is not a valid value ({e})') from None
-        if a <= 0 or b <= 0:
-            raise ValueError(f'--sweep beta parameters must be > 0, got {v}')
-        out.append((f'beta{a:g}-{b:g}', {'alps_beta': (a, b)}))
+            nums = [1.0 / (1.0 - nums[0]), 2.0]  # the mode of Beta(a, 2) is (a - 1) / a
+        if len(nums) != 2 or min(nums) <= 0:
+            raise ValueError(f'--sweep beta takes modes in (0.5, 1) or a:b pairs with a, b > 0, got {v}')
+        out.append((f'beta{nums[0]:g}-{nums[1]:g}', {'alps_beta': tuple(nums)}))
     return name, out
 
 
@@ -491,14 +489,15 @@ def paper_attacks(eps: float) -> Dict[str, Any]:
     return {'fgsm': partial(fgsm, eps=eps), 'pgd': partial(pgd, eps=eps, step_size=eps / 4, steps=PGD_STEPS)}
 
 
-def _attacks(model, ev: Dict[str, Any], normalised: bool = True) -> Dict[str, Dict[str, Any]]:
-    """Subset size key (`samples`, `apgd_samples`, ...) -> attack name -> attack: the white-box suite."""
+def _attacks(model, ev: Dict[str, Any], full: bool = True) -> Dict[str, Dict[str, Any]]:
+    """Subset size key (`samples`, `apgd_samples`, ...) -> attack name -> attack: the white-box suite (without
+    `full`, only the paper's FGSM / PGD-10, which the black-box attack crafts on the source model)."""
     import torch
     from timm_alps.attacks import apgd_ce, unbounded_pgd
     pixels = float(EPS_PIXELS * model.std.mean())  # 4/255 in normalised-input units, in pixels
     sets = {'samples': dict(paper_attacks(EPS_PIXELS), **({f'{k}@norm': a for k, a in paper_attacks(pixels).items()}
                                                           if ev.get('normalised_eps') else {}))}
-    if not normalised:
+    if not full:
         return sets
     sets['apgd_samples'] = {'apgd-ce': partial(apgd_ce, eps=EPS_PIXELS, steps=ev['apgd_steps'],
                                                generator=torch.Generator(device=_device()).manual_seed(0))}
@@ -577,8 +576,8 @@ def evaluate_black_box(runs: Sequence[Run], preset: Dict[str, Any], sources: Dic
     ev, by_source = preset['eval'], {}
     for run in runs:
         source = transfer_source(run, preset['seeds'])
-        if source.name not in _eval_cache(run, ev)['black'] and run_status(run, preset) == 'finished' \
-                and run_status(source, preset) == 'finished':
+        if run_status(run, preset) == 'finished' and run_status(source, preset) == 'finished' \
+                and source.name not in _eval_cache(run, ev)['black']:
             by_source.setdefault(str(source.dir), (source, []))[1].append(run)
     for source, targets in by_source.values():
         print(f'[reproduce] black-box examples crafted on {source.group}/{source.name} for '
@@ -586,7 +585,7 @@ def evaluate_black_box(runs: Sequence[Run], preset: Dict[str, Any], sources: Dic
         t0, src = time.time(), _load_model(source)
         res = transfer_attack(src, {t.name: _load_model(t) for t in targets},
                               eval_batches(sources[source.dataset], ev['samples'], ev['batch_size'], _device()),
-                              _attacks(src, ev, normalised=False)['samples'], progress=False)
+                              _attacks(src, ev, full=False)['samples'], progress=False)
         for t in targets:
             result = _eval_cache(t, ev)
             result['black'][source.name] = dict({k: v for k, v in res.errors[t.name].items() if k != 'clean'},

@@ -154,6 +154,14 @@ def test_interrupted_run_is_resumed_and_finished_run_skipped(tmp_path):
     assert R.train(later, ['false'], preset, deadline=0.0) == 'missing' and not later.meta_path.exists()
 
 
+def test_black_box_waits_for_finished_runs(tmp_path):
+    preset = R.get_preset('smoke', seeds=[0, 1])
+    runs = R.plan_runs(preset, tmp_path)
+    _fake_checkpoint(runs[0].dir, epoch=0)  # erm-s0 interrupted, the rest never started: nothing to attack yet
+    R.evaluate_black_box(runs, preset, {'cifar10': 'unused'})
+    assert not list(tmp_path.rglob('eval.json'))
+
+
 def test_dry_run_prints_commands(tmp_path, capsys):
     assert R.main(['--preset', 'paper', '--dry-run', '--runs-dir', str(tmp_path),
                    '--data', f'cifar10={tmp_path}', '--data', f'cifar100={tmp_path}']) == 0
