@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from benchmarks import reproduce as R
+from benchmarks import reproduce_report as report
 from benchmarks.paper_numbers import PAPER_ERRORS, paper_error
 
 
@@ -122,26 +122,44 @@ def test_interrupted_run_is_resumed_and_finished_run_skipped(tmp_path):
     preset = R.get_preset('smoke', epochs=3)
     run = R.Run('cifar10', 'preact_resnet18_w16', 'erm', 0, group_dir=tmp_path)
     assert R.run_status(run, preset) == 'missing'
+    real = R.train_command(run, preset, '/data', 'wds/cifar10')
     _fake_checkpoint(run.dir, epoch=0)  # one of three epochs done
     assert R.run_status(run, preset) == 'partial'
-    cmd = [sys.executable, '-c', 'import sys; print("ARGV", sys.argv[1:])']
-    assert R.train(run, cmd, preset, None, False, log=lambda s: None) == 'partial'
-    assert "'--resume', 'auto'" in run.log_path.read_text()
+    # a stand-in for train_timm.py that prints its arguments: the runner must add --resume auto
+    fake = tmp_path / 'fake_train.py'
+    fake.write_text('import sys; print("ARGV", sys.argv[1:])')
+    echo = [sys.executable, str(fake)] + real[2:]
+    assert R.train(run, echo, preset, invocation='python -m benchmarks.reproduce --preset smoke') == 'partial'
+    assert "'--resume', 'auto']" in run.log_path.read_text()
     meta = json.loads(run.meta_path.read_text())
-    assert meta['command'] == cmd and len(meta['slices']) == 1 and meta['slices'][0]['resumed']
-    # another recipe must not continue this run: its args.yaml (written by train_timm.py) says what it trains
-    real = R.train_command(run, preset, '/data', 'wds/cifar10')
-    (run.dir / 'args.yaml').write_text(yaml.safe_dump(vars(R._train_timm().parse_args(real[2:]))))
-    with pytest.raises(ValueError, match=r'another recipe.*lr: 0\.05 -> 1\.0'):
-        R.train(run, real + ['--lr', '1'], preset, None, False, log=lambda s: None)
+    assert meta['command'] == echo and len(meta['slices']) == 1 and meta['slices'][0]['resumed']
+    assert meta['slices'][0]['invocation'] == 'python -m benchmarks.reproduce --preset smoke'
+    # the same recipe elsewhere (data moved, a speed flag added) resumes; another recipe does not
+    moved = R.train_command(run, R.get_preset('smoke', epochs=3, train_args=['--torchcompile']), '/gpu/data',
+                            'wds/cifar10')
+    assert R.train(run, echo[:2] + moved[2:], preset) == 'partial'
+    with pytest.raises(ValueError, match='another recipe'):
+        R.train(run, echo[:2] + R.train_command(run, R.get_preset('smoke', epochs=3), '/d', 'wds/x')[2:]
+                + ['--lr', '1'], dict(preset, lr=1.0))
 
     done = R.Run('cifar10', 'preact_resnet18_w16', 'erm', 1, group_dir=tmp_path)
     _fake_checkpoint(done.dir, epoch=2)
     with open(done.dir / 'summary.csv', 'w') as f:
         f.write('epoch,train_loss,eval_loss,eval_top1\n' + ''.join(f'{e},1,1,50\n' for e in range(3)))
     assert R.run_status(done, preset) == 'finished'
-    assert R.train(done, ['false'], preset, None, False, log=lambda s: None) == 'finished'
+    assert R.train(done, ['false'], preset) == 'finished'
     assert not done.meta_path.exists()  # nothing was launched
+    # a time budget already spent launches nothing
+    later = R.Run('cifar10', 'preact_resnet18_w16', 'erm', 2, group_dir=tmp_path)
+    assert R.train(later, ['false'], preset, deadline=0.0) == 'missing' and not later.meta_path.exists()
+
+
+def test_black_box_waits_for_finished_runs(tmp_path):
+    preset = R.get_preset('smoke', seeds=[0, 1])
+    runs = R.plan_runs(preset, tmp_path)
+    _fake_checkpoint(runs[0].dir, epoch=0)  # erm-s0 interrupted, the rest never started: nothing to attack yet
+    R.evaluate_black_box(runs, preset, {'cifar10': 'unused'})
+    assert not list(tmp_path.rglob('eval.json'))
 
 
 def test_dry_run_prints_commands(tmp_path, capsys):
@@ -203,6 +221,26 @@ def test_goal_checks_report_contradictions():
     assert sum('**yes**' in line for line in lines) == 5
 
 
+def test_goal_checks_weigh_alps_against_label_smoothing_and_dropout():
+    """ALPS against each extra baseline (clean, PGD-10, APGD-CE, AutoAttack), and whether the baseline's own
+    resistance holds against ERM under the stronger attacks (masking shows as PGD yes, AutoAttack NO)."""
+    metrics = ('clean', 'white-box/fgsm', 'white-box/pgd', 'white-box/apgd-ce', 'white-box/autoattack@8')
+    rows = [dict(group='g', method=m, tag='', values=dict(zip(metrics, ([v] for v in vals))))
+            for m, vals in (('erm', (10, 80, 100, 100, 100)), ('ls', (9.4, 50, 95, 99.4, 100)),
+                            ('mixup', (11, 66, 98, 100, 100)), ('alps', (9.6, 51, 93, 99, 100)))]
+    lines = R.goal_checks(rows, {'clean': 10000, 'white-box/pgd': 1000, 'white-box/apgd-ce': 500,
+                                 'white-box/autoattack@8': 500})
+    get = lambda text: next(line for line in lines if f': {text}:' in line)  # noqa: E731
+    assert '**NO**' in get('ALPS clean error <= Label smoothing') and 'within noise' in get(
+        'ALPS clean error <= Label smoothing')
+    assert '**yes**' in get('ALPS PGD-10 white error < Label smoothing')
+    assert '**yes**' in get('ALPS APGD-CE white error < Label smoothing')
+    assert '**NO**' in get('ALPS AutoAttack 8/255 error < Label smoothing')
+    assert '**yes**' in get('Label smoothing PGD-10 white error < ERM')
+    assert '**NO**' in get('Label smoothing AutoAttack 8/255 error < ERM')
+    assert not any('Dropout' in line for line in lines)  # no Dropout runs, no Dropout claims
+
+
 def test_eps_ramp_arm_trains_alps_with_the_ramp_and_is_checked_against_alps(tmp_path):
     preset = R.get_preset('cpu-converged', seeds=[0])
     ramp, = [r for r in R.plan_runs(preset, tmp_path) if r.method == 'alps-ramp']
@@ -241,39 +279,25 @@ def test_smoke_preset_end_to_end(tmp_path):
     env = json.loads((out / 'environment.json').read_text())
     assert env['torch'] == torch.__version__
 
-    # the args.yaml train_timm.py wrote matches the command that wrote it; a recipe flag does not
-    from timm_alps.data import BUNDLED_DATA_DIR
-    preset = R.get_preset('smoke')
-    for run in R.plan_runs(preset, runs_dir.resolve()):
-        cmd = R.train_command(run, preset, str(BUNDLED_DATA_DIR), 'wds/cifar10_subset')
-        assert R.recipe_changes(run.dir / 'args.yaml', cmd + ['--torchcompile']) == [], run.name
-        assert R.recipe_changes(run.dir / 'args.yaml', cmd + ['--epochs', '2']) == ['epochs: 1 -> 2'], run.name
+    rows = {r['run']: r for r in csv.DictReader(open(out / 'runs.csv', newline=''))}
+    assert set(rows) == {f'{m}-s0' for m in R.DEFAULT_METHODS}
+    for row in rows.values():  # the durable record: every metric of the table, the curves, the command
+        assert row['status'] == 'finished' and row['white-box/autoattack@8'] and row['black-box/pgd@norm'], row
+        assert json.loads(row['curve']) and json.loads(row['pgd_curve']) and 'train_timm.py' in row['command']
 
     metas = sorted(runs_dir.glob('smoke/*/*.reproduce.json'))
-    assert len(metas) == 5
-    before = [m.read_text() for m in metas]
+    evals = sorted(runs_dir.glob('smoke/*/*/eval.json'))
+    assert len(metas) == 5 and len(evals) == 5
+    before = [m.read_text() for m in metas + evals]
     assert R.main(argv) == 0  # resumable: finished runs are neither retrained nor re-attacked
-    assert [m.read_text() for m in metas] == before
+    assert [m.read_text() for m in metas + evals] == before
 
-    # white-box evaluations run in processes of their own, side by side (not one after the other)
-    pair = [run for run in R.plan_runs(preset, runs_dir.resolve()) if run.method in ('erm', 'alps')]
-    for run in pair:
-        (run.dir / 'eval.json').unlink()
-    evaluations = R.WhiteBoxEvaluations(preset['eval'], jobs=2, threads=1)
-    for run in pair:
-        evaluations.submit(run, str(BUNDLED_DATA_DIR))
-    evaluations.wait()
-    evaluations.close()
-    spans = [(e['started'], e['started'] + e['seconds'])
-             for e in (json.loads((run.dir / 'eval.json').read_text()) for run in pair)]
-    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
-
-    # a runs folder without these runs (a fresh clone) never rewrites the results that hold their rows
-    committed = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert R.main(['--preset', 'smoke', '--runs-dir', str(tmp_path / 'elsewhere'), '--results-dir', str(results_dir),
-                   '--report-only']) == 0
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == committed
-    assert (results_dir / 'smoke-partial' / 'table.md').is_file()
+    # the runs folder gone (another machine): the report keeps every row from runs.csv
+    table_before = (out / 'table.md').read_text()
+    assert R.main(['--preset', 'smoke', '--report-only', '--runs-dir', str(tmp_path / 'gone'),
+                   '--results-dir', str(results_dir), '--methods', 'erm']) == 0
+    assert {r['run'] for r in csv.DictReader(open(out / 'runs.csv', newline=''))} == set(rows)
+    assert (out / 'table.md').read_text().split('## The paper')[0] == table_before.split('## The paper')[0]
 
 
 def test_paper_numbers_agree_with_the_robustness_benchmark():
@@ -295,30 +319,12 @@ def test_preset_subsets_and_extra_train_args(tmp_path):
                                                            ('cifar10', 'preact_resnet18', 'alps-s0')]
     assert '--torchcompile' in R.train_command(runs[0], preset, '/d', 'wds/cifar10')
     with pytest.raises(ValueError, match='no model'):
-        R.get_preset('cpu', models=['resnet50'])
+        R.get_preset('cpu', models=['resnet50'])  # a timm model, but not of the CIFAR family
+    # any CIFAR model timm_alps.models registers with timm, with no list to update here
+    assert R.get_preset('cpu-converged', models=['vgg16_cifar', 'preact_resnet18_w32'])['models'] == (
+        'vgg16_cifar', 'preact_resnet18_w32')
     with pytest.raises(ValueError, match='no dataset'):
         R.get_preset('cpu', datasets=['cifar100'])
-
-
-def test_speed_flags_do_not_block_a_resume(tmp_path):
-    """The run's args.yaml against the new command, parsed by train_timm.py's own parser: place and speed flags
-    may change, the recipe may not."""
-    preset = R.get_preset('paper')
-    run = R.plan_runs(preset, tmp_path)[0]
-    base = R.train_command(run, preset, '/cpu/data', 'wds/cifar10')
-    saved = tmp_path / 'args.yaml'
-    # what train_timm.py writes: its parsed arguments (lists for tuples, plus keys it derives)
-    saved.write_text(yaml.safe_dump(dict(json.loads(json.dumps(vars(R._train_timm().parse_args(base[2:])))),
-                                         distributed=False, world_size=1)))
-    fast = R.train_command(run, R.get_preset('paper', train_args=['--torchcompile', '--loader', 'timm']),
-                           '/gpu/data', 'wds/cifar10')
-    assert R.recipe_changes(saved, base) == [] and R.recipe_changes(saved, fast) == []
-    other = R.train_command(run, R.get_preset('paper', epochs=100), '/cpu/data', 'wds/cifar10')
-    changes = R.recipe_changes(saved, other)
-    assert any(c.startswith('epochs: 200 -> 100') for c in changes), changes
-    assert any(c.startswith('decay_milestones') for c in changes), changes
-    assert R.recipe_changes(saved, base + ['--alps-eps', '0.1']) == ['alps_eps: None -> 0.1']  # an ERM run
-    assert R.recipe_changes(tmp_path / 'none.yaml', other) == []  # killed before it started: nothing to compare
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):
@@ -363,9 +369,138 @@ def test_eps_table_averages_seeds():
     assert '| ALPS | 1 | 21.00 | 50.00 |' in text
 
 
-def test_a_command_train_timm_refuses_is_a_value_error_naming_it(tmp_path):
-    saved = tmp_path / 'args.yaml'
-    saved.write_text('epochs: 1\n')
-    bad = ['python', 'train_timm.py', '--momentun', '0.9']  # misspelt: refused by the script's parser
-    with pytest.raises(ValueError, match='refuses the command.*momentun'):
-        R.recipe_changes(saved, bad)
+def _record(run, method, seed, status='finished', **metrics):
+    return dict(group='cifar10-preact_resnet18_w16', dataset='cifar10', model='preact_resnet18_w16', method=method,
+                tag='', seed=seed, run=run, status=status, epochs=1, epochs_done=1,
+                command=f'python train_timm.py --seed {seed}',
+                invocations=['python -m benchmarks.reproduce --preset smoke'], machine='CPU test', **metrics)
+
+
+def test_table_is_regenerated_from_runs_csv_and_keeps_rows_whose_runs_are_gone(tmp_path, capsys):
+    """runs.csv is the record: runs not on disk keep their rows; a run on disk replaces only its own row, and only
+    when it has come as far and measured as much."""
+    out = tmp_path / 'results' / 'smoke'
+    paths = report.result_paths(out)
+    full = {'clean': 10.0, 'white-box/fgsm': 50.0, 'white-box/pgd': 70.0}
+    committed = [_record('erm-s0', 'erm', 0, **full), _record('ls-s0', 'ls', 0, **dict(full, clean=11.0)),
+                 _record('alps-s0', 'alps', 0, **dict(full, clean=9.0, **{'white-box/pgd': 60.0}),
+                         alps_eps=0.3, alps_beta='8 2', pgd_curve={'0': 9.0, '8': 99.0}, curve=[[1, 9.0, 1.5]])]
+    out.mkdir(parents=True)
+    report.write_runs_csv(committed, paths['runs_csv'])
+    back = report.read_runs_csv(paths['runs_csv'])
+    assert back == [{k: v for k, v in r.items() if v != ''} for r in committed]  # every field survives the file
+
+    # planned runs: erm-s0 retrained without evaluation (fewer results), mixup-s0 new, ls-s0 not on disk
+    collected = [_record('erm-s0', 'erm', 0, clean=10.5), _record('mixup-s0', 'mixup', 0, **dict(full, clean=9.5)),
+                 _record('ls-s0', 'ls', 0, status='missing')]
+    merged = report.merge(back, collected)
+    by = {r['run']: r for r in merged}
+    assert set(by) == {'erm-s0', 'ls-s0', 'alps-s0', 'mixup-s0'}
+    assert by['erm-s0']['white-box/pgd'] == 70.0 and by['ls-s0']['clean'] == 11.0  # kept as recorded
+    assert 'kept the recorded row' in capsys.readouterr().out
+    evaluated = report.merge(merged, [_record('erm-s0', 'erm', 0, **dict(full, clean=10.5))])
+    assert next(r for r in evaluated if r['run'] == 'erm-s0')['clean'] == 10.5  # as much measured: replaced
+
+    preset = R.get_preset('smoke')
+    report.write_results(merged, preset, paths, 'python -m benchmarks.reproduce --preset smoke', {'cifar10': 'x'})
+    table = paths['md'].read_text()
+    for label in ('| ERM | 1/1 | 10.00', '| Label smoothing | 1/1 | 11.00', '| MixUp | 1/1 | 9.50',
+                  '| ALPS | 1/1 | 9.00'):
+        assert label in table, label
+    assert 'ALPS clean error <= MixUp: **yes** (9.00 <= 9.50' in table
+    assert 'not recorded in runs.csv for cifar10-preact_resnet18_w16: erm-s0, ls-s0, mixup-s0' in table
+    assert 'python train_timm.py --seed 0' in paths['commands_md'].read_text()
+    assert {r['run'] for r in report.read_runs_csv(paths['runs_csv'])} == set(by)
+
+
+def test_report_only_on_a_fresh_machine_keeps_the_committed_rows(tmp_path):
+    results = tmp_path / 'results'
+    paths = report.result_paths(results / 'smoke')
+    paths['dir'].mkdir(parents=True)
+    report.write_runs_csv([_record(f'{m}-s0', m, 0, clean=c) for m, c in (('erm', 10.0), ('alps', 9.0))],
+                          paths['runs_csv'])
+    argv = ['--preset', 'smoke', '--report-only', '--runs-dir', str(tmp_path / 'runs'), '--results-dir', str(results)]
+    assert R.main(argv + ['--methods', 'ls']) == 0
+    rows = {r['run']: r for r in report.read_runs_csv(paths['runs_csv'])}
+    assert rows['erm-s0']['clean'] == 10.0 and rows['alps-s0']['clean'] == 9.0 and rows['ls-s0']['status'] == 'missing'
+    assert '| ERM | 1/1 | 10.00' in paths['md'].read_text() and not (tmp_path / 'runs').exists()
+
+
+def test_a_table_of_another_epoch_budget_is_not_mixed_in(tmp_path, capsys):
+    paths = report.result_paths(tmp_path / 'smoke')
+    paths['dir'].mkdir()
+    report.write_runs_csv([_record('erm-s0', 'erm', 0, clean=10.0)], paths['runs_csv'])
+    before = paths['runs_csv'].read_text()
+    assert R.main(['--preset', 'smoke', '--epochs', '2', '--report-only', '--results-dir', str(tmp_path),
+                   '--runs-dir', str(tmp_path / 'runs')]) == 2
+    assert 'records runs of 1 epochs, not 2' in capsys.readouterr().err
+    assert paths['runs_csv'].read_text() == before
+
+
+def test_a_runs_csv_of_the_earlier_format_is_refused(tmp_path, capsys):
+    out = tmp_path / 'smoke'
+    out.mkdir()
+    (out / 'runs.csv').write_text('group,run,status,epochs_done,train_seconds,train_img_per_sec,eval_seconds,'
+                                  'clean_error\ng,erm-s0,finished,1,1,1,1,10.0\n')
+    assert R.main(['--preset', 'smoke', '--report-only', '--results-dir', str(tmp_path),
+                   '--runs-dir', str(tmp_path / 'runs')]) == 2
+    assert 'earlier runs.csv format' in capsys.readouterr().err
+    assert (out / 'runs.csv').read_text().startswith('group,run,status')  # untouched
+
+
+def test_committed_results_regenerate_from_their_runs_csv(tmp_path):
+    """The committed cpu-converged folder without its runs: the same table, claims and training commands."""
+    src = R.REPO / 'benchmarks' / 'results' / 'cpu-converged'
+    out = tmp_path / 'cpu-converged'
+    out.mkdir()
+    for name in ('runs.csv', 'curves.png', 'eps.png'):
+        (out / name).write_bytes((src / name).read_bytes())
+    records = report.merge(report.read_runs_csv(out / 'runs.csv'), [])
+    report.write_results(records, R.get_preset('cpu-converged'), report.result_paths(out), 'x', {})
+    new, old = (out / 'table.md').read_text(), (src / 'table.md').read_text()
+    assert new == old
+    assert (out / 'table.csv').read_text() == (src / 'table.csv').read_text()
+    assert (out / 'eps.png').read_bytes() == (src / 'eps.png').read_bytes()  # kept: per-run curves not recorded
+    commands = [line for line in (src / 'commands.md').read_text().splitlines() if 'train_timm.py' in line]
+    assert [line for line in (out / 'commands.md').read_text().splitlines() if 'train_timm.py' in line] == commands
+
+
+def test_training_commands_match_the_committed_ones():
+    """The runner generates the recorded training commands of the committed runs (paths aside), except that the
+    paper's ALPS now names --alps-eps-warmup-epochs 0: train_timm.py's default became the eps ramp after those runs."""
+    recorded = [line for line in (R.REPO / 'benchmarks/results/cpu-converged/commands.md').read_text().splitlines()
+                if 'train_timm.py' in line]
+    preset = R.get_preset('cpu-converged', methods=R.METHODS)
+    names = [line.split()[line.split().index('--experiment') + 1] for line in recorded]
+    assert {f'{m}-s{s}' for m in ('erm', 'mixup', 'alps', 'alps-ramp') for s in (0, 1)} <= set(names), names
+    for line in recorded:
+        tokens = line.split()
+        run, = [r for r in R.plan_runs(preset, Path('runs')) if r.name == tokens[tokens.index('--experiment') + 1]]
+        new = R.recipe(R.train_command(run, preset, '/d', 'wds/cifar10'))
+        if run.method == 'alps':
+            i = new.index('--alps-eps-warmup-epochs')
+            del new[i:i + 2]
+        assert new == R.recipe(tokens), run.name
+
+
+def test_cpu_converged_sweep_eps_plans_alps_at_each_radius(tmp_path, capsys):
+    preset = R.get_preset('cpu-converged')
+    runs = R.plan_runs(preset, tmp_path, 'eps=0.1,1.0')
+    assert [r.name for r in runs] == ['alps-eps0.1-s0', 'alps-eps1-s0', 'alps-eps0.1-s1', 'alps-eps1-s1']
+    cmd = ' '.join(R.train_command(runs[1], preset, '/d', 'wds/cifar10'))
+    assert '--method alps --alps-eps-warmup-epochs 0 --alps-eps 1 --alps-beta 8 2' in cmd
+    assert R.main(['--preset', 'cpu-converged', '--sweep', 'eps=0.1,1.0', '--dry-run', '--runs-dir',
+                   str(tmp_path / 'runs'), '--data', str(tmp_path / 'c.npz')]) == 0
+    assert capsys.readouterr().out.count('train_timm.py') == 4
+    assert report.result_paths(tmp_path, 'eps')['runs_csv'].name == 'sweep-eps-runs.csv'
+
+
+@pytest.mark.parametrize('train_arg, named', [('--momentun=0.9', 'momentun'), ('--drop=1.5', '--drop'),
+                                               ('--alps-eps=abc', '--alps-eps')])
+def test_a_command_train_timm_refuses_stops_the_runner_before_any_run(tmp_path, capsys, train_arg, named):
+    runs_dir = tmp_path / 'runs'
+    rc = R.main(['--preset', 'smoke', '--methods', 'erm,alps', '--runs-dir', str(runs_dir),
+                 '--results-dir', str(tmp_path / 'results'), f'--train-arg={train_arg}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and 'train_timm.py refuses the command' in err and named in err, err
+    assert not list(runs_dir.glob('smoke/*/*')) and not (tmp_path / 'results').exists()
