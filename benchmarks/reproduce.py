@@ -203,6 +203,10 @@ def parse_sweep(spec: str) -> Tuple[str, List[Tuple[str, Dict[str, Any]]]]:
         if len(nums) != 2 or min(nums) <= 0:
             raise ValueError(f'--sweep beta takes modes in (0.5, 1) or a:b pairs with a, b > 0, got {v}')
         out.append((f'beta{nums[0]:g}-{nums[1]:g}', {'alps_beta': tuple(nums)}))
+    tags = [tag for tag, _ in out]
+    twice = sorted({tag for tag in tags if tags.count(tag) > 1})
+    if twice:
+        raise ValueError(f'--sweep {spec!r} gives the same setting more than once ({", ".join(twice)})')
     return name, out
 
 
@@ -268,7 +272,7 @@ def resolve_data(preset: Dict[str, Any], data_args: Sequence[str]) -> Dict[str, 
     Raises:
         ValueError: a bare PATH for a preset with several datasets, or an unknown dataset name.
     """
-    data = dict(preset['data'])
+    data, given = dict(preset['data']), set()
     for item in data_args or ():
         key, path = item.split('=', 1) if '=' in item and not os.path.exists(item) else (None, item)
         if key is None and len(data) != 1:
@@ -276,7 +280,11 @@ def resolve_data(preset: Dict[str, Any], data_args: Sequence[str]) -> Dict[str, 
         if key is not None and key not in data:
             raise ValueError(f'--data {item!r}: preset {preset["name"]!r} has no dataset {key!r} '
                              f'(it has {", ".join(data)})')
-        data[key or next(iter(data))] = path
+        key = key or next(iter(data))
+        if key in given:
+            raise ValueError(f'--data gives {key} twice; pass one source per dataset')
+        given.add(key)
+        data[key] = path
     return {k: v if v == 'bundled' or os.path.isabs(v) else str((REPO / v).resolve()) for k, v in data.items()}
 
 
@@ -683,13 +691,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f'--jobs and --threads must be >= 1, got {args.jobs} and {args.threads}')
     if args.time_budget is not None and args.time_budget < 0:
         p.error(f'--time-budget must be >= 0 minutes, got {args.time_budget}')
-    try:
-        args.seeds = [int(s) for s in args.seeds.split(',')] if args.seeds else None
-    except ValueError:
-        p.error(f'--seeds takes comma separated integers, got {args.seeds!r}')
-    for name in ('methods', 'models', 'datasets'):
+    for name in ('seeds', 'methods', 'models', 'datasets'):  # comma separated lists: none empty, none repeated
         value = getattr(args, name)
-        setattr(args, name, [m.strip() for m in value.split(',') if m.strip()] if value else None)
+        if value is None:
+            continue
+        items = [m.strip() for m in value.split(',') if m.strip()]
+        if name == 'seeds':
+            try:
+                items = [int(m) for m in items]
+            except ValueError:
+                p.error(f'--seeds takes comma separated integers, got {value!r}')
+        if not items:
+            p.error(f'--{name} {value!r} names nothing; leave it out for the preset\'s {name}')
+        twice = sorted({str(m) for m in items if items.count(m) > 1})
+        if twice:
+            p.error(f'--{name} {value!r} lists {", ".join(twice)} more than once')
+        setattr(args, name, items)
     return args
 
 

@@ -1,4 +1,5 @@
 """Tests for `benchmarks.reproduce`: the smoke preset end to end on the bundled data, and the runner's pieces."""
+import contextlib
 import csv
 import json
 import sys
@@ -504,3 +505,19 @@ def test_a_command_train_timm_refuses_stops_the_runner_before_any_run(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and 'train_timm.py refuses the command' in err and named in err, err
     assert not list(runs_dir.glob('smoke/*/*')) and not (tmp_path / 'results').exists()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--seeds', '0,0'], "lists 0 more than once"), (['--methods', 'erm,alps,erm'], 'lists erm more than once'),
+    (['--models', 'preact_resnet18_w16,preact_resnet18_w16'], 'more than once'), (['--seeds', ','], 'names nothing'),
+    (['--methods', ''], 'names nothing'), (['--datasets', ' , '], 'names nothing'),
+    (['--data', 'a.npz', '--data', 'cifar10=b.npz'], 'gives cifar10 twice'),
+    (['--sweep', 'eps=0.1,0.10'], 'same setting more than once'), (['--sweep', 'beta=0.8,5:2'], 'more than once')])
+def test_a_list_option_naming_nothing_or_a_value_twice_is_refused(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) if argv[0] in ('--seeds', '--methods', '--models', '--datasets') \
+            else contextlib.nullcontext():
+        rc = R.main(['--preset', 'smoke', '--dry-run', '--runs-dir', str(tmp_path / 'runs'),
+                     '--results-dir', str(tmp_path / 'results'), *argv])
+        assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'runs').exists()
