@@ -52,6 +52,13 @@ METHOD_ARGS: Dict[str, List[str]] = {
     'alps': ['--method', 'alps', '--alps-eps-warmup-epochs', '0'],  # the paper's ALPS: no eps ramp
     'alps-ramp': ['--method', 'alps', '--alps-eps-warmup-epochs', '1'],  # eps ramped in over the first epoch
 }
+# training flags the runner decides, since its plan, its resume and its tables are keyed on them: --train-arg may
+# change any other flag (a variant of the recipe, recorded in each run's command), never these; value: how to ask
+RUNNER_FLAGS = {'epochs': '--epochs', 'seed': '--seeds', 'model': '--models', 'num_classes': '--datasets',
+                'dataset': '--data', 'data_dir': '--data', 'output': '--runs-dir', 'experiment': '--runs-dir',
+                'method': '--methods', 'alps_eps': '--sweep eps=...', 'alps_beta': '--sweep beta=...',
+                'max_train_samples': 'another preset', 'max_eval_samples': 'another preset',
+                'resume': 'running the same command again', 'overwrite': 'another --runs-dir'}
 EPS_PIXELS, PGD_STEPS, UNBOUNDED_STEP = 4 / 255, 10, 0.01  # the paper's L-inf radius; PGD-10 step eps/4
 EVAL_SEED = report.EVAL_SEED  # seed of the evaluation subsets (timm_alps.data.subset_indices)
 EVAL_PROTOCOL = 2  # bump when the evaluation changes: cached eval.json files of another protocol are recomputed
@@ -333,14 +340,15 @@ def train_command(run: Run, preset: Dict[str, Any], data_dir: str, dataset_name:
     return cmd + list(preset.get('train_args', ()))
 
 
-def check_command(run: Run, cmd: Sequence[str]) -> None:
+def check_command(run: Run, cmd: Sequence[str], n_extra: int = 0) -> None:
     """train_timm.py's own checks of `cmd` (flags, ranges, combinations; the data folder once it exists), so that a
-    bad --train-arg or preset is refused before any run starts.
+    bad --train-arg or preset is refused before any run starts; and the last `n_extra` words (the user's
+    --train-arg) may not change a flag in `RUNNER_FLAGS`.
 
     Raises:
-        ValueError: naming the run and what train_timm.py refuses.
+        ValueError: naming the run and what is refused.
     """
-    from timm_alps.train.config import parse_args, resolve_config
+    from timm_alps.train.config import flag_name, parse_args, resolve_config
     from timm_alps.train.errors import TrainError
     try:
         args = parse_args(list(cmd[2:]))
@@ -348,6 +356,12 @@ def check_command(run: Run, cmd: Sequence[str]) -> None:
             resolve_config(args)
     except TrainError as e:
         raise ValueError(f'train_timm.py refuses the command of {run.group}/{run.name}: {e}') from None
+    if n_extra:
+        core = vars(parse_args(list(cmd[2:len(cmd) - n_extra])))
+        for dest, how in RUNNER_FLAGS.items():
+            if getattr(args, dest) != core[dest]:
+                raise ValueError(f'--train-arg changes {flag_name(dest)} ({core[dest]!r} -> {getattr(args, dest)!r}), '
+                                 f'which the runner decides: use {how}')
 
 
 def recipe(cmd: Sequence[str]) -> List[str]:
@@ -721,8 +735,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     invocation = 'python -m benchmarks.reproduce ' + shlex.join(argv if argv is not None else sys.argv[1:])
     runs_dir, results = Path(args.runs_dir).resolve(), Path(args.results_dir) / args.preset
     try:
-        preset = get_preset(args.preset, args.epochs, args.seeds, args.methods, args.models, args.datasets,
-                            [a for item in args.train_arg for a in shlex.split(item)])
+        extra = [a for item in args.train_arg for a in shlex.split(item)]
+        preset = get_preset(args.preset, args.epochs, args.seeds, args.methods, args.models, args.datasets, extra)
         runs = plan_runs(preset, runs_dir, args.sweep)
         data = resolve_data(preset, args.data)
         if preset['eval'].get('autoattack_samples') and not (args.no_eval or args.dry_run or args.report_only):
@@ -735,7 +749,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         commands = {run.dir: train_command(run, preset, *prepared[run.dataset][:2]) for run in runs}
         if not args.report_only:
             for run in runs:
-                check_command(run, commands[run.dir])
+                check_command(run, commands[run.dir], len(extra))
         paths = report.result_paths(results, args.sweep and parse_sweep(args.sweep)[0])
         committed = report.read_runs_csv(paths['runs_csv'], preset['epochs'])  # refuses one it cannot keep
     except (FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:

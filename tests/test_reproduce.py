@@ -521,3 +521,24 @@ def test_a_list_option_naming_nothing_or_a_value_twice_is_refused(tmp_path, caps
         assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('train_arg, flag', [('--epochs=5', '--epochs'), ('--seed 3', '--seed'),
+                                             ('--model resnet18', '--model'), ('--alps-eps 0.1', '--alps-eps'),
+                                             ('--experiment x', '--experiment'), ('--max-train-samples 64',
+                                                                                  '--max-train-samples')])
+def test_a_train_arg_that_changes_what_the_runner_decides_is_refused(tmp_path, capsys, train_arg, flag):
+    """The plan, the resume and the table are keyed on these: refused before anything is written."""
+    assert R.main(['--preset', 'smoke', '--methods', 'alps', '--runs-dir', str(tmp_path / 'runs'),
+                   '--results-dir', str(tmp_path / 'results'), f'--train-arg={train_arg}']) == 2
+    err = capsys.readouterr().err
+    assert f'--train-arg changes {flag} (' in err and 'which the runner decides: use' in err, err
+    assert not (tmp_path / 'runs').exists()
+
+
+def test_a_train_arg_may_vary_the_recipe_as_the_committed_warmup_study_did(tmp_path, capsys):
+    assert R.main(['--preset', 'smoke', '--methods', 'erm', '--dry-run', '--runs-dir', str(tmp_path / 'runs'),
+                   '--train-arg=--warmup-epochs=1', '--train-arg=--sched-on-updates',
+                   '--train-arg=--no-channels-last', '--train-arg=--torchcompile']) == 0
+    out = capsys.readouterr().out
+    assert '--channels-last --warmup-epochs=1 --sched-on-updates --no-channels-last --torchcompile' in out
