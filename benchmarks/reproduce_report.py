@@ -89,8 +89,11 @@ def write_runs_csv(records: Sequence[Dict[str, Any]], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(HEAD) + metrics + list(TAIL), extrasaction='ignore')
         w.writeheader()
         for r in records:
-            w.writerow({k: json.dumps(v) if k in JSON_COLUMNS else f'{v:.4g}' if k == 'eps_normalised_pixels' and v
-                        else v for k, v in r.items() if v not in ('', None, [], {})})
+            # metrics rounded to 1e-6: 100 - 89.98 is written 10.02, not 10.019999999999996
+            w.writerow({k: json.dumps({e: round(x, 6) for e, x in v.items()} if k == 'pgd_curve' else v)
+                        if k in JSON_COLUMNS else f'{v:.4g}' if k == 'eps_normalised_pixels' and v
+                        else round(v, 6) if isinstance(v, float) and is_metric(k) else v
+                        for k, v in r.items() if v not in ('', None, [], {})})
     path.with_name(path.name + '.part').replace(path)
 
 
