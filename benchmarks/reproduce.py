@@ -656,6 +656,7 @@ def collect(run: Run, preset: Dict[str, Any]) -> Dict[str, Any]:
     if 'errors' in ev:
         rec.update({k: v for k, v in ev['errors'].items() if k == 'clean' or k.startswith('white-box/')},
                    unbounded_accuracy=ev['unbounded_accuracy'], eval_seconds=ev['seconds'],
+                   eval_protocol=ev.get('key', {}).get('protocol', ''),
                    gradient_masking_suspected=ev['gradient_masking_suspected'], pgd_curve=ev['pgd_curve'],
                    eps_normalised_pixels=ev['errors'].get('eps_normalised_pixels', ''),
                    autoattack_flags=' '.join(f'{flag}@{key.split("@")[1]}' for key, aa in ev['autoattack'].items()
@@ -751,7 +752,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for run in runs:
                 check_command(run, commands[run.dir], len(extra))
         paths = report.result_paths(results, args.sweep and parse_sweep(args.sweep)[0])
-        committed = report.read_runs_csv(paths['runs_csv'], preset['epochs'])  # refuses one it cannot keep
+        committed = report.read_runs_csv(paths['runs_csv'], preset['epochs'], EVAL_PROTOCOL)  # one it can keep
     except (FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
         print(f'reproduce: error: {e}', file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ METRIC_LABELS = {'clean': 'clean', 'white-box/fgsm': 'FGSM white', 'white-box/pg
 HEAD = ('group', 'dataset', 'model', 'method', 'tag', 'alps_eps', 'alps_beta', 'seed', 'run', 'status', 'epochs',
         'epochs_done', 'train_seconds', 'train_img_per_sec', 'eval_seconds')
 TAIL = ('unbounded_accuracy', 'gradient_masking_suspected', 'autoattack_flags', 'eps_normalised_pixels',
-        'black_source', 'pgd_curve', 'curve', 'machine', 'command', 'invocations')
+        'black_source', 'eval_protocol', 'pgd_curve', 'curve', 'machine', 'command', 'invocations')
 JSON_COLUMNS = ('pgd_curve', 'curve', 'invocations')
 STATUS_RANK = {'missing': 0, 'partial': 1, 'finished': 2}
 
@@ -44,12 +44,13 @@ def result_paths(out_dir: Path, sweep_name: Optional[str] = None) -> Dict[str, P
                 runs_csv=out_dir / f'{runs}runs.csv', commands_md=out_dir / f'{runs}commands.md')
 
 
-def read_runs_csv(path: Path, epochs: Optional[int] = None) -> List[Dict[str, Any]]:
+def read_runs_csv(path: Path, epochs: Optional[int] = None, protocol: Optional[int] = None) -> List[Dict[str, Any]]:
     """The records of a runs.csv (empty when absent); numbers as floats, empty cells left out.
 
     Raises:
         ValueError: a runs.csv without per-run metrics (an earlier format): rewriting its folder would lose them;
-            or one of runs of another epoch budget than `epochs` (one table is one recipe).
+            one of runs of another epoch budget than `epochs` (one table is one recipe); or one of runs evaluated
+            with an earlier protocol than `protocol` (the regenerated tables would describe this protocol).
     """
     if not path.is_file():
         return []
@@ -69,7 +70,7 @@ def read_runs_csv(path: Path, epochs: Optional[int] = None) -> List[Dict[str, An
             elif is_metric(key) or key in ('unbounded_accuracy', 'eps_normalised_pixels', 'eval_seconds',
                                            'alps_eps', 'train_seconds', 'train_img_per_sec'):
                 rec[key] = float(value)
-            elif key in ('seed', 'epochs', 'epochs_done'):
+            elif key in ('seed', 'epochs', 'epochs_done', 'eval_protocol'):
                 rec[key] = int(value)
             elif key == 'gradient_masking_suspected':
                 rec[key] = value == 'True'
@@ -80,6 +81,12 @@ def read_runs_csv(path: Path, epochs: Optional[int] = None) -> List[Dict[str, An
     if other:
         raise ValueError(f'{path} records runs of {", ".join(map(str, other))} epochs, not {epochs}: pass another '
                          f'--results-dir (one table is one recipe)')
+    older = sorted({r['eval_protocol'] for r in records if r.get('eval_protocol', protocol) < protocol}) \
+        if protocol is not None else []
+    if older:
+        raise ValueError(f'{path} records runs evaluated with an earlier protocol ({", ".join(map(str, older))}) '
+                         f'than this runner\'s ({protocol}); tables written now would describe the current one: '
+                         f'pass another --results-dir')
     return records
 
 

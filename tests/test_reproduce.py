@@ -542,3 +542,16 @@ def test_a_train_arg_may_vary_the_recipe_as_the_committed_warmup_study_did(tmp_p
                    '--train-arg=--no-channels-last', '--train-arg=--torchcompile']) == 0
     out = capsys.readouterr().out
     assert '--channels-last --warmup-epochs=1 --sched-on-updates --no-channels-last --torchcompile' in out
+
+
+def test_results_of_an_earlier_evaluation_protocol_are_not_rewritten(tmp_path, capsys):
+    """The committed `cpu` tables were evaluated with an earlier protocol: a report would describe the current one."""
+    out = tmp_path / 'cpu'
+    out.mkdir()
+    src = R.REPO / 'benchmarks' / 'results' / 'cpu'
+    for name in ('runs.csv', 'table.md'):
+        (out / name).write_bytes((src / name).read_bytes())
+    assert R.main(['--preset', 'cpu', '--report-only', '--results-dir', str(tmp_path),
+                   '--runs-dir', str(tmp_path / 'runs'), '--data', str(tmp_path / 'c.npz')]) == 2
+    assert 'earlier protocol (1)' in capsys.readouterr().err
+    assert (out / 'table.md').read_bytes() == (src / 'table.md').read_bytes()
