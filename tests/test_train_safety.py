@@ -281,3 +281,27 @@ def test_converter_cli_refuses_in_one_line(tmp_path, capsys):
     np.savez(npz, x_train=np.zeros((2, 4, 4, 3), np.uint8), y_train=np.array([0, 5]))
     main([str(npz), str(tmp_path / 'out'), '--num-classes', '6'])
     assert 'classes (6)' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('kind, message', [('garbage', 'not a readable .npz archive (not a zip archive)'),
+                                           ('truncated', 'not a readable .npz archive (BadZipFile'),
+                                           ('npy', 'holds a single array'), ('no_splits', 'has no x_<split> arrays')])
+def test_converter_names_an_npz_that_is_not_one(tmp_path, capsys, kind, message):
+    from timm_alps.data import main
+    npz = tmp_path / 'data.npz'
+    if kind == 'garbage':
+        npz.write_bytes(b'not an archive at all')
+    elif kind == 'npy':
+        with open(npz, 'wb') as f:
+            np.save(f, np.zeros(3))
+    else:
+        np.savez(npz, **({'a': np.zeros(3)} if kind == 'no_splits' else
+                         dict(x_train=np.zeros((2, 4, 4, 3), np.uint8), y_train=np.array([0, 1]))))
+        if kind == 'truncated':
+            npz.write_bytes(npz.read_bytes()[:100])
+    with pytest.raises(SystemExit) as e:
+        main([str(npz), str(tmp_path / 'out')])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / 'out').exists()

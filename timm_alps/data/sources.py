@@ -4,6 +4,7 @@ Each reader returns `({split: (images, labels, lossless_mask)}, class names)`, w
 (decoded on access) and `labels` is an int64 numpy array of class indices.
 """
 import json
+import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -63,6 +64,24 @@ def detect_format(src: Path) -> str:
     return 'folder'
 
 
+def open_npz(src: Path) -> np.lib.npyio.NpzFile:
+    """`np.load` of an .npz archive (no pickles), with a message naming the file when it is not one.
+
+    Raises:
+        ValueError: src is not a zip of arrays (a corrupt or truncated file, a single .npy, a pickle).
+    """
+    try:
+        data = np.load(src, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        # numpy reads a file that is neither a zip nor an .npy as a pickle, which it refuses: say what it is not
+        why = f'{type(e).__name__}: {e}' if not isinstance(e, ValueError) else 'not a zip archive'
+        raise ValueError(f'{src} is not a readable .npz archive ({why}); expected the output of numpy.savez with '
+                         f'arrays x_<split> and y_<split>') from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f'{src} holds a single array, not an .npz archive of x_<split> and y_<split> arrays')
+    return data
+
+
 def read_npz_split(data, src: Path, split: str, labels_only: bool = False):
     """(uint8 NHWC images or None when labels_only, int64 labels, lossless mask or None) of one validated npz split.
 
@@ -102,8 +121,11 @@ def read_npz(src: Path, splits: Optional[Sequence[str]], num_classes: Optional[i
     most of its classes would hold no sample (labels {0, 1000000} are two classes, not 1,000,001)."""
     if src.suffix != '.npz' or not src.is_file():
         raise ValueError(f'npz format needs an .npz file, got {src}')
-    with np.load(src) as data:
+    with open_npz(src) as data:
         splits = list(splits or [k[2:] for k in data.files if k.startswith('x_')])
+        if not splits:
+            raise ValueError(f'{src} has no x_<split> arrays (keys: {sorted(data.files)}); expected x_<split> '
+                             f'(uint8 NHWC) and y_<split> (int class index) per split, e.g. x_train, y_train')
         out = {}
         for split in splits:
             x, y, mask = read_npz_split(data, src, split)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .sources import read_npz, read_npz_split
+from .sources import open_npz, read_npz, read_npz_split
 
 __all__ = [
     'INFO_FILE', 'EVAL_SPLITS', 'read_info', 'default_eval_split', 'decode_dataset', 'subset_indices',
@@ -511,7 +511,7 @@ def split_labels(src: PathLike, split: str = 'train', lossless_only: bool = Fals
         labels = [label for _, _, label in _shard_samples(src, split_info, read_images=False)]
         _check_count(src, split, len(labels), split_info['num_samples'])
         return torch.tensor(labels, dtype=torch.long)
-    with np.load(src) as data:
+    with open_npz(src) as data:
         _, y, mask = read_npz_split(data, src, split, labels_only=True)
     return torch.from_numpy(_lossless(y, mask, src, split, lossless_only))
 
