@@ -283,8 +283,8 @@ def test_converter_cli_refuses_in_one_line(tmp_path, capsys):
     assert 'classes (6)' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('kind, message', [('garbage', 'not a readable .npz archive (not a zip archive)'),
-                                           ('truncated', 'not a readable .npz archive (BadZipFile'),
+@pytest.mark.parametrize('kind, message', [('garbage', 'cannot be read as an .npz archive (not a zip archive)'),
+                                           ('truncated', 'cannot be read as an .npz archive (BadZipFile'),
                                            ('npy', 'holds a single array'), ('no_splits', 'has no x_<split> arrays')])
 def test_converter_names_an_npz_that_is_not_one(tmp_path, capsys, kind, message):
     from timm_alps.data import main

@@ -75,8 +75,8 @@ def open_npz(src: Path) -> np.lib.npyio.NpzFile:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         # numpy reads a file that is neither a zip nor an .npy as a pickle, which it refuses: say what it is not
         why = f'{type(e).__name__}: {e}' if not isinstance(e, ValueError) else 'not a zip archive'
-        raise ValueError(f'{src} is not a readable .npz archive ({why}); expected the output of numpy.savez with '
-                         f'arrays x_<split> and y_<split>') from None
+        raise ValueError(f'{src} cannot be read as an .npz archive ({why}); expected the output of numpy.savez '
+                         f'with arrays x_<split> and y_<split>') from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f'{src} holds a single array, not an .npz archive of x_<split> and y_<split> arrays')
     return data
