@@ -217,10 +217,10 @@ def goal_checks(rows: Sequence[Dict[str, Any]], samples: Optional[Dict[str, int]
         # the other baselines: ALPS against each, and whether the baseline's own resistance to PGD-10 holds under
         # APGD-CE and AutoAttack (resistance that falls to them is gradient masking, not robustness)
         strong = ['white-box/pgd', 'white-box/apgd-ce'] + robust[2:]
+        norm = ['white-box/pgd@norm'] if any('white-box/pgd@norm' in r['values'] for r in by.values()) else []
         for base in ('ls', 'dropout'):
             if base in by:
                 check(f'ALPS clean error <= {METHOD_LABELS[base]}', 'clean', 'alps', base, False)
-                norm = ['white-box/pgd@norm'] if any('white-box/pgd@norm' in r['values'] for r in by.values()) else []
                 for metric in strong + norm:
                     check(f'ALPS {metric_label(metric)} error < {METHOD_LABELS[base]}', metric, 'alps', base, True)
                 for metric in strong:
@@ -427,13 +427,7 @@ def _plots(records: Sequence[Dict[str, Any]], out_dir: Path) -> None:
                 axes[gi, 1].plot(ep, loss, **style)
             axes[gi, 0].set(xlabel='epoch', ylabel='test error (%)', title=f'{group}: test error')
             axes[gi, 1].set(xlabel='epoch', ylabel='train loss (on its own targets)', title=f'{group}: train loss')
-            for ax in axes[gi]:
-                ax.grid(alpha=0.3)
-                if ax.get_legend_handles_labels()[0]:
-                    ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out_dir / 'curves.png', dpi=80)
-        plt.close(fig)
+        _save(fig, out_dir / 'curves.png', legend_size=7)
     if any('white-box/pgd' in r and not r.get('pgd_curve') for r in main):
         print(f'[reproduce] {out_dir / "eps.png"} kept: some runs\' PGD-vs-eps values are not in runs.csv', flush=True)
         return
@@ -448,9 +442,16 @@ def _plots(records: Sequence[Dict[str, Any]], out_dir: Path) -> None:
                         label=f'{METHOD_LABELS[method]} (n={len(curves)})')
         ax.set(xlabel='L-inf radius eps (x/255)', ylabel='top-1 error (%)', ylim=(0, 100),
                title=f'{group}: white-box PGD-10')
+    _save(fig, out_dir / 'eps.png', legend_size=8)
+
+
+def _save(fig, path: Path, legend_size: int) -> None:
+    """Grid and legend on every axis that has something to label, then write and close the figure."""
+    import matplotlib.pyplot as plt
+    for ax in fig.axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(out_dir / 'eps.png', dpi=80)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
