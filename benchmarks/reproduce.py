@@ -528,14 +528,19 @@ def paper_attacks(eps: float) -> Dict[str, Any]:
     return {'fgsm': partial(fgsm, eps=eps), 'pgd': partial(pgd, eps=eps, step_size=eps / 4, steps=PGD_STEPS)}
 
 
+def normalised_eps(model) -> float:
+    """The paper's 4/255 read as a radius in normalised-input units, expressed in pixels (4/255 times the model's
+    mean input std): the radius of the `@norm` attack columns."""
+    return float(EPS_PIXELS * model.std.mean())
+
+
 def _attacks(model, ev: Dict[str, Any], full: bool = True) -> Dict[str, Dict[str, Any]]:
     """Subset size key (`samples`, `apgd_samples`, ...) -> attack name -> attack: the white-box suite (without
     `full`, only the paper's FGSM / PGD-10, which the black-box attack crafts on the source model)."""
     import torch
     from timm_alps.attacks import apgd_ce, unbounded_pgd
-    pixels = float(EPS_PIXELS * model.std.mean())  # 4/255 in normalised-input units, in pixels
-    sets = {'samples': dict(paper_attacks(EPS_PIXELS), **({f'{k}@norm': a for k, a in paper_attacks(pixels).items()}
-                                                          if ev.get('normalised_eps') else {}))}
+    norm = paper_attacks(normalised_eps(model)) if ev.get('normalised_eps') else {}
+    sets = {'samples': dict(paper_attacks(EPS_PIXELS), **{f'{k}@norm': a for k, a in norm.items()})}
     if not full:
         return sets
     sets['apgd_samples'] = {'apgd-ce': partial(apgd_ce, eps=EPS_PIXELS, steps=ev['apgd_steps'],
@@ -600,7 +605,7 @@ def evaluate(run: Run, data_source: str, ev: Dict[str, Any]) -> Dict[str, Any]:
     curve = dict({'0': errors['clean@curve_samples']}, **{str(e): errors.pop(f'white-box/pgd@{e}')
                                                            for e in ev['curve_eps']})
     if ev.get('normalised_eps'):
-        errors['eps_normalised_pixels'] = float(EPS_PIXELS * model.std.mean())
+        errors['eps_normalised_pixels'] = normalised_eps(model)
     result.update(errors=errors, unbounded_accuracy=unbounded, gradient_masking_suspected=gradient_masking_suspected(
         unbounded), pgd_curve=curve, autoattack=autoattack, device=str(device), started=round(t0, 1),
         seconds=round(time.time() - t0, 1))
