@@ -304,6 +304,11 @@ def protocol_text(preset: Dict[str, Any], n_seeds: Optional[int] = None) -> str:
     return text
 
 
+def _machines(records: List[Dict[str, Any]]) -> List[str]:
+    """The distinct machine lines (CPU or GPU, cores, torch threads) the runs of `records` trained on."""
+    return list(dict.fromkeys(m for r in records for m in r.get('machine', '').split('; ') if m))
+
+
 def write_results(records: List[Dict[str, Any]], preset: Dict[str, Any], paths: Dict[str, Path], invocation: str,
                   data: Dict[str, str], sweep: Optional[str] = None) -> Path:
     """runs.csv (the record), then from it the table (.md, .csv), the figures, commands.md and environment.json.
@@ -329,7 +334,11 @@ def write_results(records: List[Dict[str, Any]], preset: Dict[str, Any], paths: 
         'one that wrote this folder:', '', '```bash', *invocations, '```', '', 'Training runs (the runner adds '
         '`--resume auto` to continue an interrupted run; paths are those of the machine that ran them):', '',
         '```bash', *[r['command'] for r in records if r.get('command')], '```', '', f'Data: {json.dumps(data)}', '']))
-    (paths['dir'] / 'environment.json').write_text(json.dumps(environment(), indent=1) + '\n')
+    # the software is the writer's; the machine and threads are the runs' own (a report-only call on a laptop
+    # must not stamp its thread count on runs trained elsewhere)
+    env = {k: v for k, v in environment().items() if k not in ('machine', 'torch_threads')}
+    env['run_machines'] = _machines(records)
+    (paths['dir'] / 'environment.json').write_text(json.dumps(env, indent=1) + '\n')
     return paths['md']
 
 
@@ -352,7 +361,7 @@ def _table_csv(rows: Sequence[Dict[str, Any]], metrics: Sequence[str], path: Pat
 def _table_md(rows, records, metrics, preset, paths, sweep) -> None:
     from benchmarks.reproduce import milestones
     ev = preset['eval']
-    machines = list(dict.fromkeys(m for r in records for m in r.get('machine', '').split('; ') if m))
+    machines = _machines(records)
     md = [f'# ALPS reproduction: preset `{preset["name"]}`' + (f', sweep `{sweep}`' if sweep else ''), '',
           f'{preset["description"]}.', '', protocol_text(preset, len({r['seed'] for r in records})), '',
           f'Machine: {"; ".join(machines) or "no run yet"}.', '']

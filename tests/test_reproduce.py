@@ -464,6 +464,9 @@ def test_committed_results_regenerate_from_their_runs_csv(tmp_path):
     assert (out / 'eps.png').read_bytes() == (src / 'eps.png').read_bytes()  # kept: per-run curves not recorded
     commands = [line for line in (src / 'commands.md').read_text().splitlines() if 'train_timm.py' in line]
     assert [line for line in (out / 'commands.md').read_text().splitlines() if 'train_timm.py' in line] == commands
+    # the machine record is the runs' (one thread each), whatever threads the writing process has
+    env = json.loads((out / 'environment.json').read_text())
+    assert env['run_machines'] == ['CPU AMD EPYC, 2 cores, 1 torch threads'] and 'torch_threads' not in env
 
 
 def test_training_commands_match_the_committed_ones():
