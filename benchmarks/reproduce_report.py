@@ -215,8 +215,9 @@ def goal_checks(rows: Sequence[Dict[str, Any]], samples: Optional[Dict[str, int]
             for base in ('erm', 'mixup'):
                 check(f'ALPS {metric_label(metric)} error < {METHOD_LABELS[base]}', metric, 'alps', base, True)
         # the other baselines: ALPS against each, and whether the baseline's own resistance to PGD-10 holds under
-        # APGD-CE and AutoAttack (resistance that falls to them is gradient masking, not robustness)
-        strong = ['white-box/pgd', 'white-box/apgd-ce'] + robust[2:]
+        # transfer, APGD-CE and AutoAttack (resistance that falls to them is gradient masking, not robustness)
+        transfer = ['black-box/pgd'] if any('black-box/pgd' in r['values'] for r in by.values()) else []
+        strong = ['white-box/pgd'] + transfer + ['white-box/apgd-ce'] + robust[2:]
         norm = ['white-box/pgd@norm'] if any('white-box/pgd@norm' in r['values'] for r in by.values()) else []
         for base in ('ls', 'dropout'):
             if base in by:
@@ -393,7 +394,8 @@ def _table_md(rows, records, metrics, preset, paths, sweep) -> None:
                if ev.get('autoattack_samples') else '', '']
     if not sweep:
         samples = {'clean': ev['clean_samples'], 'white-box/fgsm': ev['samples'], 'white-box/pgd': ev['samples'],
-                   'white-box/pgd@norm': ev['samples'], 'white-box/apgd-ce': ev.get('apgd_samples'),
+                   'white-box/pgd@norm': ev['samples'], 'black-box/pgd': ev['samples'],
+                   'white-box/apgd-ce': ev.get('apgd_samples'),
                    **{f'white-box/autoattack@{e}': ev.get('autoattack_samples') for e in ev.get('autoattack_eps', ())}}
         md += ['## The paper\'s claims, checked', ''] + goal_checks(rows, samples) + ['']
         if ev.get('normalised_eps'):
