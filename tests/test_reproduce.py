@@ -223,8 +223,8 @@ def test_goal_checks_report_contradictions():
 
 
 def test_goal_checks_weigh_alps_against_label_smoothing_and_dropout():
-    """ALPS against each extra baseline (clean, PGD-10, APGD-CE, AutoAttack), and whether the baseline's own
-    resistance holds against ERM under the stronger attacks (masking shows as PGD yes, AutoAttack NO)."""
+    """ALPS against each extra baseline (clean, PGD-10 white and black, APGD-CE, AutoAttack), and whether the baseline's
+    own resistance holds against ERM under the stronger attacks (masking shows as PGD yes, AutoAttack NO)."""
     metrics = ('clean', 'white-box/fgsm', 'white-box/pgd', 'black-box/pgd', 'white-box/apgd-ce',
                'white-box/autoattack@8')
     rows = [dict(group='g', method=m, tag='', values=dict(zip(metrics, ([v] for v in vals))))
