@@ -90,17 +90,25 @@ def read_runs_csv(path: Path, epochs: Optional[int] = None, protocol: Optional[i
     return records
 
 
+def _csv_cell(key: str, value: Any) -> Any:
+    """How runs.csv writes one value: JSON for the structured columns, metrics rounded to 1e-6 (100 - 89.98 is
+    written 10.02, not 10.019999999999996), the normalised radius to 4 significant digits."""
+    if key == 'pgd_curve':
+        return json.dumps({e: round(x, 6) for e, x in value.items()})
+    if key in JSON_COLUMNS:
+        return json.dumps(value)
+    if key == 'eps_normalised_pixels' and value:
+        return f'{value:.4g}'
+    return round(value, 6) if isinstance(value, float) and is_metric(key) else value
+
+
 def write_runs_csv(records: Sequence[Dict[str, Any]], path: Path) -> None:
     metrics = sorted({k for r in records for k in r if is_metric(k)}, key=_metric_order)
     with open(path.with_name(path.name + '.part'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(HEAD) + metrics + list(TAIL), extrasaction='ignore')
         w.writeheader()
         for r in records:
-            # metrics rounded to 1e-6: 100 - 89.98 is written 10.02, not 10.019999999999996
-            w.writerow({k: json.dumps({e: round(x, 6) for e, x in v.items()} if k == 'pgd_curve' else v)
-                        if k in JSON_COLUMNS else f'{v:.4g}' if k == 'eps_normalised_pixels' and v
-                        else round(v, 6) if isinstance(v, float) and is_metric(k) else v
-                        for k, v in r.items() if v not in ('', None, [], {})})
+            w.writerow({k: _csv_cell(k, v) for k, v in r.items() if v not in ('', None, [], {})})
     path.with_name(path.name + '.part').replace(path)
 
 
@@ -214,11 +222,13 @@ def goal_checks(rows: Sequence[Dict[str, Any]], samples: Optional[Dict[str, int]
         for metric in robust:
             for base in ('erm', 'mixup'):
                 check(f'ALPS {metric_label(metric)} error < {METHOD_LABELS[base]}', metric, 'alps', base, True)
+        def measured(metric):  # [metric] when some method of the group has it, for columns a preset may lack
+            return [metric] if any(metric in r['values'] for r in by.values()) else []
+
         # the other baselines: ALPS against each, and whether the baseline's own resistance to PGD-10 holds under
         # transfer, APGD-CE and AutoAttack (resistance that falls to them is gradient masking, not robustness)
-        transfer = ['black-box/pgd'] if any('black-box/pgd' in r['values'] for r in by.values()) else []
-        strong = ['white-box/pgd'] + transfer + ['white-box/apgd-ce'] + robust[2:]
-        norm = ['white-box/pgd@norm'] if any('white-box/pgd@norm' in r['values'] for r in by.values()) else []
+        strong = ['white-box/pgd'] + measured('black-box/pgd') + ['white-box/apgd-ce'] + robust[2:]
+        norm = measured('white-box/pgd@norm')
         for base in ('ls', 'dropout'):
             if base in by:
                 check(f'ALPS clean error <= {METHOD_LABELS[base]}', 'clean', 'alps', base, False)
