@@ -68,10 +68,13 @@ def read_runs_csv(path: Path, epochs: Optional[int] = None, protocol: Optional[i
             if key in JSON_COLUMNS:
                 rec[key] = json.loads(value)
             elif is_metric(key) or key in ('unbounded_accuracy', 'eps_normalised_pixels', 'eval_seconds',
-                                           'alps_eps', 'train_seconds', 'train_img_per_sec'):
+                                           'alps_eps'):
                 rec[key] = float(value)
             elif key in ('seed', 'epochs', 'epochs_done', 'eval_protocol'):
                 rec[key] = int(value)
+            elif key in ('train_seconds', 'train_img_per_sec'):
+                # written as whole numbers (collect rounds them); older reports wrote some as '2606.0'
+                rec[key] = round(float(value))
             elif key == 'gradient_masking_suspected':
                 rec[key] = value == 'True'
             else:

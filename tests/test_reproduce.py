@@ -395,6 +395,11 @@ def test_table_is_regenerated_from_runs_csv_and_keeps_rows_whose_runs_are_gone(t
     report.write_runs_csv(committed, paths['runs_csv'])
     back = report.read_runs_csv(paths['runs_csv'])
     assert back == [{k: v for k, v in r.items() if v != ''} for r in committed]  # every field survives the file
+    # the training time and speed are whole numbers; a file that spells them '4717.0' is written back as '4717'
+    timed = paths['runs_csv'].with_name('timed.csv')
+    timed.write_text('group,method,run,status,epochs,train_seconds,train_img_per_sec\ng,erm,erm-s0,finished,1,4717.0,646\n')
+    report.write_runs_csv(report.read_runs_csv(timed), timed)
+    assert ',4717,646,' in timed.read_text()
 
     # planned runs: erm-s0 retrained without evaluation (fewer results), mixup-s0 new, ls-s0 not on disk
     collected = [_record('erm-s0', 'erm', 0, clean=10.5), _record('mixup-s0', 'mixup', 0, **dict(full, clean=9.5)),
