@@ -106,6 +106,9 @@ def test_timm_loader_path_on_image_folder(tmp_path):
     (['--lr', '0'], r'--lr 0.0: must be finite and > 0'),
     (['--mean', '0.5', '0.5'], r'--mean takes 1 or 3 number'),
     (['--data-dir', '/nonexistent/cifar'], r"does not exist.*python -m timm_alps.data"),
+    (['--dataset', 'wds/cifar10'], r"--dataset wds/cifar10 needs --data-dir DIR"),
+    (['--dataset', 'torch/cifar10', '--dataset-download'], r"--dataset torch/cifar10 needs --data-dir DIR.*download"),
+    (['--seed', '-1'], r'--seed -1: must be finite and in \[0, 4294963199\]'),
     (['--model-kwargs', 'width=-3'], r'could not create model.*width'),
     (['--output', '/proc/timm_alps_cannot_write'], r'not writable'),
 ])

@@ -47,17 +47,23 @@ class Range:
     count: Optional[Tuple[int, ...]] = None
 
     def describe(self) -> str:
+        lo, hi = _number(self.lo), _number(self.hi)
         if self.lo == -math.inf and self.hi == math.inf:
             return 'a finite number'
         if self.hi == math.inf:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            return f"{'>' if self.lo_open else '>='} {lo}"
         if self.lo == -math.inf:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+            return f"{'<' if self.hi_open else '<='} {hi}"
+        return f"in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
 
     def accepts(self, v: float) -> bool:
         return (math.isfinite(v) and (v > self.lo if self.lo_open else v >= self.lo)
                 and (v < self.hi if self.hi_open else v <= self.hi))
+
+
+def _number(x: float) -> str:
+    # whole bounds in full (the seed's upper bound is 4294963199, not 4.29496e+09), others as %g
+    return str(int(x)) if math.isfinite(x) and float(x).is_integer() else f'{x:g}'
 
 
 _POS, _NONNEG, _PROB, _FRACTION = Range(0, lo_open=True), Range(0), Range(0, 1), Range(0, 1, hi_open=True)
@@ -578,8 +584,12 @@ def _resolve_dataset(v: Dict[str, Any]) -> None:
     if v['data_dir'] is None and v['dataset'] is None:
         v['data_dir'], v['dataset'] = str(alps_data.BUNDLED_DATA_DIR), 'wds/cifar10_subset'
     v['dataset'] = v['dataset'] or ''
+    if not v['data_dir']:
+        raise TrainError(
+            f"--dataset {v['dataset']} needs --data-dir DIR: the folder that holds it, or for a torch/ dataset with "
+            f"--dataset-download the folder to download it into; omit --dataset for the bundled subset.")
     needs_dir = not (v['dataset'].startswith('torch/') and v['dataset_download'])
-    if needs_dir and (not v['data_dir'] or not os.path.exists(v['data_dir'])):
+    if needs_dir and not os.path.exists(v['data_dir']):
         raise TrainError(
             f"dataset folder '{v['data_dir']}' does not exist. Create webdataset shards with "
             f"`python -m timm_alps.data --help` (e.g. from a CIFAR .npz or an image folder), use "
