@@ -91,7 +91,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   autoattack_samples=100, autoattack_eps=(8, 4)),
     ),
     'cpu-converged': dict(
-        description='CIFAR-10, width-16 PreActResNet18 (w32 with --models) trained to convergence on CPU: the paper '
+        description='CIFAR-10, width-16 PreActResNet18 (w32, or the narrow VGG16 vgg16_cifar_w24, with --models) '
+                    'trained to convergence on CPU: the paper '
                     'recipe (batch 128, SGD 0.1 classical momentum 0.9, wd 1e-4, /10 at 1/2 and 3/4 of the epochs) '
                     'over 60 epochs (--epochs to change), a 1-epoch linear LR warm-up per update for every method '
                     '(ALPS stalls at LR 0.1 from step 0 at some seeds, see results/cpu-alps-warmup); ERM, MixUp '
