@@ -282,8 +282,8 @@ def vgg16_cifar(pretrained: bool = False, **kwargs) -> VggCifar:
 def vgg16_cifar_w24(pretrained: bool = False, **kwargs) -> VggCifar:
     """VGG-16 at base width 24 (24-48-96-192 channels, 2.08M params at 10 classes) for CPU-scale runs.
 
-    On CPU it trains about 1.5x slower than `preact_resnet18_w16`: about 440 img/s in the first epoch of the
-    `cpu-converged` runs against 650 (bf16 autocast + channels_last, one thread on a Zen 4 EPYC; docs/training.md).
+    On CPU an epoch costs about 1.15x what `preact_resnet18_w16`'s does: about 560 img/s against 640 for ERM in the
+    `cpu-converged` runs (bf16 autocast + channels_last, one thread on a Zen 4 EPYC; docs/training.md).
     """
     model_args = dict(cfg=VGG16_CFG, width=24)
     return _create(VggCifar, 'vgg16_cifar_w24', pretrained, **dict(model_args, **kwargs))
