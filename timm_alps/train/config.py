@@ -597,7 +597,7 @@ def _resolve_dataset(v: Dict[str, Any]) -> None:
     try:
         if v['val_split'] is None:
             v['val_split'] = alps_data.default_eval_split(v['dataset'], v['data_dir'])
-        info = alps_data.read_info(v['data_dir']) if v['dataset'].startswith('wds/') and v['data_dir'] else None
+        info = alps_data.read_info(v['data_dir']) if v['dataset'].startswith('wds/') else None
     except (OSError, ValueError) as e:
         raise TrainError(f"could not read the _info.json of '{v['data_dir']}': {e}") from None
     splits = (info or {}).get('splits')
