@@ -397,7 +397,8 @@ def test_table_is_regenerated_from_runs_csv_and_keeps_rows_whose_runs_are_gone(t
     assert back == [{k: v for k, v in r.items() if v != ''} for r in committed]  # every field survives the file
     # the training time and speed are whole numbers; a file that spells them '4717.0' is written back as '4717'
     timed = paths['runs_csv'].with_name('timed.csv')
-    timed.write_text('group,method,run,status,epochs,train_seconds,train_img_per_sec\ng,erm,erm-s0,finished,1,4717.0,646\n')
+    timed.write_text('group,method,run,status,epochs,train_seconds,train_img_per_sec\n'
+                     'g,erm,erm-s0,finished,1,4717.0,646\n')
     report.write_runs_csv(report.read_runs_csv(timed), timed)
     assert ',4717,646,' in timed.read_text()
 

@@ -109,7 +109,7 @@ def inspect_data(config: Config) -> Source:
     """Read what the dataset is without decoding it: timm_alps shards through `_info.json` (every shard checked),
     anything else by opening timm's datasets (kept for the timm loader)."""
     info = None
-    if config.dataset.startswith('wds/') and config.data_dir:
+    if config.dataset.startswith('wds/'):
         info = alps_data.read_info(config.data_dir)  # read once already by resolve_config: valid
     if info is not None:
         bad = _check_shards(config)
