@@ -322,7 +322,7 @@ def test_accepts_num_classes_when_consistent():
     (dict(target=torch.tensor([0, 1, 2])), ValueError, 'batch size'),
     (dict(target=torch.tensor([[0.5, 0.6, 0, 0, 0], [1.0, 0, 0, 0, 0]])), ValueError, 'sum to 1'),
     (dict(target=torch.tensor([[1.5, -0.5, 0, 0, 0], [1.0, 0, 0, 0, 0]])), ValueError, 'non-negative'),
-    (dict(target=torch.full((2, 4), 0.25)), ValueError, 'num_classes=5'),
+    (dict(target=torch.full((2, 4), 0.25)), ValueError, 'soft target has 4 classes but the logits have 5 classes'),
     (dict(target=torch.tensor([0.0, 1.0])), TypeError, 'integer class indices'),
     (dict(target=torch.ones(2, 5, dtype=torch.long)), TypeError, 'floating point'),
     (dict(num_classes=4), ValueError, 'num_classes=4'),

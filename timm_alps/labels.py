@@ -61,12 +61,20 @@ def _is_index_dtype(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
-def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional[int] = None) -> torch.Tensor:
+def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional[int] = None,
+                    against_logits: bool = False) -> torch.Tensor:
     """Check a target as timm accepts it and return it as (B,) int64 class indices or (B, K) rows.
 
     Class indices may be (B,) or (B, 1) of any integer dtype; soft rows must be non-negative and sum to 1 within
     1e-4 (1e-2 for fp16, 2e-2 for bf16 targets, whose rounding is that coarse). On an accelerator the value checks
     run on the device without a host sync (see `_check`).
+
+    Args:
+        target: the target as the user passed it.
+        num_classes: K.
+        batch_size: B, when known.
+        against_logits: K and B come from the (B, K) logits (a loss), not from the user's `num_classes` and input
+            batch (a mixer); the error messages say which.
 
     Raises:
         TypeError: the target is neither integer indices nor a floating-point distribution.
@@ -76,7 +84,9 @@ def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional
     if not isinstance(target, torch.Tensor):
         raise TypeError(f'target must be a torch.Tensor, got {type(target).__name__}')
     if batch_size is not None and (target.ndim == 0 or target.shape[0] != batch_size):
-        raise ValueError(f'target has batch size {tuple(target.shape)[:1]} but the input batch has {batch_size} rows')
+        batch_of = 'the logits have' if against_logits else 'the input batch has'
+        raise ValueError(f'target has batch size {tuple(target.shape)[:1]} but {batch_of} {batch_size} rows')
+    classes = f'the logits have {num_classes} classes' if against_logits else f'num_classes={num_classes}'
     if target.ndim == 1 or (target.ndim == 2 and target.shape[1] == 1 and not target.is_floating_point()):
         if not _is_index_dtype(target.dtype):
             raise TypeError(f'a (B,) or (B, 1) target must hold integer class indices, got dtype {target.dtype}')
@@ -84,14 +94,14 @@ def validate_target(target: torch.Tensor, num_classes: int, batch_size: Optional
         if target.numel():
             low, high = torch.aminmax(target)
             _check((low >= 0) & (high < num_classes),
-                   f'class index out of range: targets must lie in [0, {num_classes}) (num_classes={num_classes})')
+                   f'class index out of range: targets must lie in [0, {num_classes}) ({classes})')
         return target
     if target.ndim != 2:
         raise ValueError(f'target must be class indices (B,) or soft labels (B, K), got shape {tuple(target.shape)}')
     if not target.is_floating_point():
         raise TypeError(f'a 2-D (soft) target must be floating point, got dtype {target.dtype}')
     if target.shape[1] != num_classes:
-        raise ValueError(f'soft target has {target.shape[1]} classes but num_classes={num_classes}')
+        raise ValueError(f'soft target has {target.shape[1]} classes but {classes}')
     if target.numel():
         stats_dtype = torch.promote_types(target.dtype, torch.float32)
         rows = target.detach()
@@ -300,4 +310,5 @@ def adversarial_label(
     eps = eps_arg('eps', eps)
     if num_classes is not None and int_arg('num_classes', num_classes, 2) != logits.shape[1]:
         raise ValueError(f'num_classes={num_classes} but logits have {logits.shape[1]} classes')
-    return label_from_checked(logits, validate_target(target, logits.shape[1], logits.shape[0]), eps)
+    target = validate_target(target, logits.shape[1], logits.shape[0], against_logits=True)
+    return label_from_checked(logits, target, eps)

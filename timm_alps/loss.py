@@ -96,7 +96,7 @@ def soft_label(x: torch.Tensor, target: torch.Tensor, eps: float, order: Optiona
             f'the target is already adversarial (it comes from ALPSMixup(model=...), which applied the ALPS label), '
             f'and this loss would shift it again with eps={eps}: build the loss with mixup_fn.make_loss() once the '
             f'model handle is set (it returns eps=0 on that path), or pass eps=0, so the label is applied once')
-    target = validate_target(target, x.shape[1], x.shape[0])
+    target = validate_target(target, x.shape[1], x.shape[0], against_logits=True)
     if eps > 0:
         return label_from_checked(x if order is None else order, target, eps).to(x.dtype)
     if target.ndim == 1:
@@ -202,7 +202,8 @@ class ALPSBinaryCrossEntropy(_ALPSRadius):
         """The (B, K) target timm's BinaryCrossEntropy would train on (smoothed, thresholded), before the shift."""
         batch_size, num_classes = x.shape
         if not (isinstance(target, torch.Tensor) and target.is_floating_point()):
-            target = validate_target(target, num_classes, batch_size)  # class indices (or an error naming why not)
+            # class indices (or an error naming why not)
+            target = validate_target(target, num_classes, batch_size, against_logits=True)
         if target.ndim == 1:
             off = self.smoothing / num_classes
             target = torch.full_like(x, off).scatter_(1, target.view(-1, 1).to(x.device), 1.0 - self.smoothing + off)
