@@ -162,3 +162,28 @@ def test_timm_loader_resume_at_epoch_boundary_is_exact(tmp_path, monkeypatch, fl
     rows = [list(csv.DictReader(open(tmp_path / name / 'summary.csv'))) for name in ('ref', 'cut')]
     keys = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'lr')
     assert [[r[k] for k in keys] for r in rows[1]] == [[r[k] for k in keys] for r in rows[0]]
+
+def test_image_folder_of_mixed_sizes_goes_to_timms_loader(tmp_path, caplog):
+    """Photos of many sizes and modes (grayscale, palette, RGBA): auto picks timm's loader, which resizes; --loader
+    fast refuses up front naming two sizes, before anything is written."""
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ('train', 'validation'):
+        for c in ('a', 'b', 'c'):
+            d = tmp_path / 'imgs' / split / c
+            d.mkdir(parents=True)
+            for i in range(6):
+                h, w = rng.integers(20, 50, 2)
+                img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+                img.convert(('RGB', 'L', 'P', 'RGBA')[i % 4]).save(d / f'{i}.png')
+    flags = ['--data-dir', str(tmp_path / 'imgs'), '--model', 'preact_resnet18_w16', '--model-kwargs', 'width=4',
+             '-b', '6', '-j', '0', '--epochs', '1', '--no-progress', '--output', str(tmp_path)]
+    with pytest.raises(TrainError, match=r'--loader fast .* differ in size \(sample \d+ is \d+x\d+ but sample 0 is '
+                                         r'\d+x\d+\): use --loader timm'):
+        train.main(flags + ['--loader', 'fast', '--experiment', 'fast'])
+    assert not (tmp_path / 'fast').exists()
+    caplog.set_level(logging.INFO, logger='train')
+    assert train.main(flags + ['--experiment', 'auto']) == 0
+    assert _loader_kind(caplog) == 'timm'
+    assert _load(tmp_path / 'auto' / 'last.pth.tar')['args'].num_classes == 3

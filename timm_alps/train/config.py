@@ -125,8 +125,8 @@ _flag(group, '--max-eval-samples', type=int, default=None, metavar='N',
              help='evaluate on a seeded random subset of N samples (streaming shards: the first N)', range=Range(1))
 _flag(group, '--loader', default='auto', choices=LOADERS,
              help='fast: whole dataset as uint8 in (device) memory, batched crop/flip/normalise; timm: '
-                  'create_loader; auto: fast when the train split has <= --fast-loader-max-mb of pixels and '
-                  'every augmentation flag given is one the fast loader honours')
+                  'create_loader; auto: fast when the train split has <= --fast-loader-max-mb of pixels, its '
+                  'images are one size and every augmentation flag given is one the fast loader honours')
 _flag(group, '--fast-loader-max-mb', type=float, default=2048, metavar='MB', range=_NONNEG)
 _flag(group, '--tolerate-bad-shards', action='store_true', default=False,
              help='train on the readable shards when some shards of a split are missing, truncated or corrupt '

@@ -36,7 +36,9 @@ class Source:
         info: the `_info.json` of timm_alps shards, else None.
         classes: class names, when the dataset knows them.
         train_chw: (C, H, W) of the training images when the split can be held in memory (map-style datasets and
-            timm_alps shards), None when it streams.
+            timm_alps shards), None when it streams or its images differ in size.
+        mixed_sizes: why a map-style split cannot be one uint8 tensor (two sampled images of different sizes), else
+            None.
         train_samples: samples the fast loader would hold (after --max-train-samples).
         timm_datasets: timm's (train, eval) datasets, when they were opened to learn the above.
         bad_shards: damaged shards (`timm_alps.data.BadShard`) whose unreadable part is left out under
@@ -49,6 +51,7 @@ class Source:
     train_samples: int
     timm_datasets: Optional[Tuple[Any, Any]] = None
     bad_shards: Tuple[Any, ...] = ()
+    mixed_sizes: Optional[str] = None
 
     @property
     def skipped_shards(self) -> int:
@@ -122,12 +125,33 @@ def inspect_data(config: Config) -> Source:
         source.train_samples = min(n, config.max_train_samples or n)
         return source
     ds_train, ds_eval = _open_timm_datasets(config)
-    chw, n = None, 0
+    chw, n, mixed = None, 0, None
     if _is_map_style(ds_train) and len(ds_train):
-        img = ds_train[0][0]
-        chw = (len(img.getbands()), img.height, img.width) if hasattr(img, 'getbands') else tuple(img.shape)
+        chw, mixed = _sampled_image_shape(ds_train)
         n = min(len(ds_train), config.max_train_samples or len(ds_train))
-    return Source(None, _dataset_classes(ds_train), chw, n, (ds_train, ds_eval))
+    return Source(None, _dataset_classes(ds_train), chw, n, (ds_train, ds_eval), mixed_sizes=mixed)
+
+
+def _sampled_image_shape(ds, samples: int = 16) -> Tuple[Optional[Tuple[int, ...]], Optional[str]]:
+    """The image shape of a map-style dataset judged from `samples` evenly spaced images (decoding all of them is the
+    fast loader's job), or (None, why) when two differ in size: a folder of photos is rarely one size, and only
+    timm's loader resizes. PIL images give (C, H, W) with C 3 when any sampled one has colour, as `decode_dataset`
+    stacks them; arrays and tensors their shape."""
+    picks = sorted({round(k * (len(ds) - 1) / max(samples - 1, 1)) for k in range(min(samples, len(ds)))})
+    channels, sizes = [], {}
+    for i in picks:
+        img = ds[i][0]
+        if hasattr(img, 'getbands'):  # PIL: the mode (grayscale or colour) may differ, the size may not
+            channels.append(len(img.getbands()))
+            sizes[i] = (img.height, img.width)
+        else:
+            sizes[i] = tuple(img.shape)
+    first = picks[0]
+    for i, size in sizes.items():
+        if size != sizes[first]:
+            return None, f"sample {i} is {'x'.join(map(str, size))} but sample {first} is " \
+                         f"{'x'.join(map(str, sizes[first]))}"
+    return ((max(channels), *sizes[first]) if channels else sizes[first]), None
 
 
 def choose_loader(config: Config, source: Source, input_size: Tuple[int, int, int], size_required: bool) -> str:
@@ -140,6 +164,9 @@ def choose_loader(config: Config, source: Source, input_size: Tuple[int, int, in
     """
     resize = size_required and source.train_chw is not None and tuple(input_size[1:]) != source.train_chw[1:]
     if config.loader == 'fast':
+        if source.mixed_sizes:
+            raise TrainError(f"--loader fast holds the training images as one uint8 tensor, but they differ in size "
+                             f"({source.mixed_sizes}): use --loader timm (resizes as timm does)")
         if source.train_chw is None:
             raise TrainError(f"--loader fast needs a map-style dataset or timm_alps shards; '{config.dataset}' "
                              f"streams. Use --loader timm.")
