@@ -137,7 +137,8 @@ def _sampled_image_shape(ds, samples: int = 16) -> Tuple[Optional[Tuple[int, ...
     fast loader's job), or (None, why) when two differ in size: a folder of photos is rarely one size, and only
     timm's loader resizes. PIL images give (C, H, W) with C 3 when any sampled one has colour, as `decode_dataset`
     stacks them; arrays and tensors their shape."""
-    picks = sorted({round(k * (len(ds) - 1) / max(samples - 1, 1)) for k in range(min(samples, len(ds)))})
+    n = min(samples, len(ds))  # a dataset smaller than `samples` is read whole
+    picks = sorted({round(k * (len(ds) - 1) / max(n - 1, 1)) for k in range(n)})
     channels, sizes = [], {}
     for i in picks:
         img = ds[i][0]
